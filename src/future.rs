@@ -1,0 +1,435 @@
+//! The response future: one state machine per call.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{request, response, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{sleep, Instant, Sleep};
+use tower_service::Service;
+
+use crate::body::End;
+use crate::classify::{self, ColdStart, PEEK_LIMIT};
+use crate::layer::Config;
+use crate::replay::{self, Buffered, Buffering, Plan, Reader};
+use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent};
+
+/// The header that asks HuggingFace to hold a request until the model is loaded.
+static X_WAIT_FOR_MODEL: HeaderName = HeaderName::from_static("x-wait-for-model");
+
+pin_project! {
+    /// Response future of [`ColdStartRetry`](crate::ColdStartRetry).
+    pub struct ResponseFuture<S, ReqBody, ResBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+        ResBody: Body,
+    {
+        #[pin]
+        state: State<S::Future, ReqBody, ResBody>,
+        service: S,
+        config: Arc<Config>,
+        // The request head for the next attempt; `None` once no attempt can
+        // follow (an unbuffered body, or the last attempt was sent).
+        head: Option<request::Parts>,
+        body: Buffered,
+        // Requests sent so far.
+        attempts: u32,
+        // Time slept so far.
+        waited: Duration,
+        // When the first loading response arrived.
+        cold_since: Option<Instant>,
+        // The latest loading response, returned as it came if the budget
+        // runs out before the next attempt is sent.
+        last: Option<Loading>,
+    }
+}
+
+/// A loading response, read to its end.
+struct Loading {
+    head: response::Parts,
+    body: Vec<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, ReqBody, ResBody>
+    where
+        ResBody: Body,
+    {
+        // Reading the request body into memory.
+        Buffering {
+            #[pin]
+            reader: Reader<ReqBody>,
+        },
+        // Waiting for the inner service's response.
+        Calling {
+            #[pin]
+            future: F,
+        },
+        // Reading the start of a 503 body to classify it.
+        Peeking {
+            head: Option<response::Parts>,
+            body: Option<Pin<Box<ResBody>>>,
+            read: Vec<Bytes>,
+            len: usize,
+        },
+        // Sleeping before the next attempt.
+        Sleeping {
+            #[pin]
+            sleep: Sleep,
+            started: Instant,
+        },
+        // Waiting for the inner service to be ready for the next attempt.
+        Readying {
+            // The service made us wait: the budget must be checked again.
+            delayed: bool,
+        },
+        // The response has been returned.
+        Done,
+    }
+}
+
+impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes>,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+{
+    pub(crate) fn new(mut service: S, config: Arc<Config>, req: Request<ReqBody>) -> Self {
+        let (head, body) = req.into_parts();
+        let mut head = Some(head);
+        let mut attempts = 0;
+        let state = match replay::plan(body, config.body_limit) {
+            Plan::Read(source) => State::Buffering {
+                reader: Reader::new(source, config.body_limit),
+            },
+            Plan::Empty => {
+                let body = Buffered::default();
+                let req = next_request(&mut head, &body, &config, attempts);
+                attempts += 1;
+                State::Calling {
+                    future: service.call(req),
+                }
+            }
+            Plan::Stream(body) => {
+                // Too large to buffer: one attempt, no retry.
+                let head = head.take().expect("head is set above");
+                attempts += 1;
+                State::Calling {
+                    future: service.call(Request::from_parts(head, body)),
+                }
+            }
+        };
+        ResponseFuture {
+            state,
+            service,
+            config,
+            head,
+            body: Buffered::default(),
+            attempts,
+            waited: Duration::ZERO,
+            cold_since: None,
+            last: None,
+        }
+    }
+}
+
+/// Builds the request for attempt `attempts + 1`, cloning the saved head
+/// unless no attempt can follow this one.
+fn next_request<B>(
+    head: &mut Option<request::Parts>,
+    body: &Buffered,
+    config: &Config,
+    attempts: u32,
+) -> Request<RequestBody<B>> {
+    let last_possible = attempts + 1 >= config.max_attempts;
+    let mut parts = if last_possible {
+        head.take()
+    } else {
+        head.clone()
+    }
+    .expect("a request is only built while the head is kept");
+    if attempts > 0 && config.wait_for_model && !parts.headers.contains_key(&X_WAIT_FOR_MODEL) {
+        parts
+            .headers
+            .insert(X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true"));
+    }
+    Request::from_parts(parts, RequestBody::replay(body))
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Body<Data = Bytes>,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Buffering { reader } => {
+                    let req = match ready!(reader.poll_read(cx)) {
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        Ok(Buffering::Done(buffered)) => {
+                            *this.body = buffered;
+                            next_request(this.head, this.body, this.config, *this.attempts)
+                        }
+                        Ok(Buffering::Overflow(body)) => {
+                            let head = this.head.take().expect("head is kept until sent");
+                            Request::from_parts(head, body)
+                        }
+                    };
+                    *this.attempts += 1;
+                    let future = this.service.call(req);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Calling { future } => {
+                    let response = match ready!(future.poll(cx)) {
+                        Ok(response) => response,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    if !may_be_cold_start(&response, this.head.is_some()) {
+                        this.state.set(State::Done);
+                        let report = ColdStartReport::new(*this.attempts, *this.waited);
+                        return Poll::Ready(Ok(finish(
+                            response.map(ResponseBody::passthrough),
+                            report,
+                        )));
+                    }
+                    let (head, body) = response.into_parts();
+                    this.state.set(State::Peeking {
+                        head: Some(head),
+                        body: Some(Box::pin(body)),
+                        read: Vec::new(),
+                        len: 0,
+                    });
+                }
+                StateProj::Peeking {
+                    head,
+                    body,
+                    read,
+                    len,
+                } => {
+                    let stream = body
+                        .as_mut()
+                        .expect("body is kept until the end of peeking");
+                    let end = match ready!(stream.as_mut().poll_frame(cx)) {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => {
+                                *len = len.saturating_add(data.len());
+                                read.push(data);
+                                if *len > PEEK_LIMIT {
+                                    // Too large for a loading body: hand it on.
+                                    let response = Response::from_parts(
+                                        head.take().expect("head is kept"),
+                                        ResponseBody::peeked(
+                                            std::mem::take(read),
+                                            None,
+                                            body.take(),
+                                        ),
+                                    );
+                                    let report = ColdStartReport::new(*this.attempts, *this.waited);
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Ok(finish(response, report)));
+                                }
+                                continue;
+                            }
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(trailers) => End::Trailers(trailers),
+                                // No other frame kind exists; ignore it.
+                                Err(_) => continue,
+                            },
+                        },
+                        Some(Err(error)) => End::Error(error),
+                        None => End::Eof,
+                    };
+                    let head = head.take().expect("head is kept");
+                    let read = std::mem::take(read);
+                    let cold = match &end {
+                        End::Error(_) => None,
+                        End::Trailers(_) | End::Eof => {
+                            classify::classify(head.status, &contiguous(&read))
+                        }
+                    };
+                    let Some(cold) = cold else {
+                        let response =
+                            Response::from_parts(head, ResponseBody::peeked(read, Some(end), None));
+                        let report = ColdStartReport::new(*this.attempts, *this.waited);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(finish(response, report)));
+                    };
+                    let trailers = match end {
+                        End::Trailers(trailers) => Some(trailers),
+                        _ => None,
+                    };
+                    *this.last = Some(Loading {
+                        head,
+                        body: read,
+                        trailers,
+                    });
+                    match plan_wait(
+                        this.config,
+                        this.cold_since,
+                        *this.attempts,
+                        this.head.as_ref().map(|h| &h.uri),
+                        &cold,
+                    ) {
+                        Some(wait) => {
+                            let started = Instant::now();
+                            this.state.set(State::Sleeping {
+                                sleep: sleep(wait),
+                                started,
+                            });
+                        }
+                        None => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(give_up(
+                                this.last,
+                                *this.attempts,
+                                *this.waited,
+                            )));
+                        }
+                    }
+                }
+                StateProj::Sleeping { sleep, started } => {
+                    ready!(sleep.poll(cx));
+                    *this.waited += started.elapsed();
+                    this.state.set(State::Readying { delayed: false });
+                }
+                StateProj::Readying { delayed } => {
+                    match this.service.poll_ready(cx) {
+                        Poll::Pending => {
+                            *delayed = true;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(error)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    // The sleep was sized to end within the budget; only a
+                    // service that kept us waiting can have pushed us past it.
+                    if *delayed && past_budget(this.config, *this.cold_since) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
+                    }
+                    *this.last = None;
+                    let req = next_request(this.head, this.body, this.config, *this.attempts);
+                    *this.attempts += 1;
+                    let future = this.service.call(req);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Whether a response is worth reading: a 503 for a request that may still be
+/// retried, with a body that may be small enough to be a loading body.
+fn may_be_cold_start<B: Body>(response: &Response<B>, retryable: bool) -> bool {
+    retryable
+        && response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && response.body().size_hint().lower() <= PEEK_LIMIT as u64
+}
+
+/// The bytes read, as one slice (copied only when they came in pieces).
+fn contiguous(chunks: &[Bytes]) -> std::borrow::Cow<'_, [u8]> {
+    match chunks {
+        [] => std::borrow::Cow::Borrowed(&[]),
+        [one] => std::borrow::Cow::Borrowed(one),
+        many => std::borrow::Cow::Owned(many.concat()),
+    }
+}
+
+/// Decides the wait after a loading response, or `None` when the budget
+/// (attempts or time) is spent. Reports the wait to tracing and the hook.
+fn plan_wait(
+    config: &Config,
+    cold_since: &mut Option<Instant>,
+    attempts: u32,
+    uri: Option<&http::Uri>,
+    cold: &ColdStart,
+) -> Option<Duration> {
+    let uri = uri?;
+    let now = Instant::now();
+    let since = *cold_since.get_or_insert(now);
+    if attempts >= config.max_attempts {
+        return None;
+    }
+    let elapsed = now.saturating_duration_since(since);
+    let remaining = config.max_total_wait.saturating_sub(elapsed);
+    if remaining.is_zero() {
+        return None;
+    }
+    let wait = classify::advised_wait(cold.estimate, config.wait_bounds()).min(remaining);
+    let event = RetryEvent {
+        uri,
+        model: cold.model.as_deref(),
+        attempt: attempts,
+        wait,
+        estimate: cold.estimate,
+        elapsed,
+    };
+    tracing::info!(
+        authority = uri.authority().map(|a| a.as_str()),
+        path = uri.path(),
+        model = event.model,
+        attempt = attempts,
+        wait_ms = wait.as_millis() as u64,
+        estimate = cold.estimate,
+        "model is loading; waiting before retrying"
+    );
+    if let Some(hook) = &config.on_retry {
+        hook(&event);
+    }
+    Some(wait)
+}
+
+fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {
+    cold_since.map_or(false, |since| since.elapsed() > config.max_total_wait)
+}
+
+/// The last loading response, exactly as it came.
+fn give_up<B: Body>(
+    last: &mut Option<Loading>,
+    attempts: u32,
+    waited: Duration,
+) -> Response<ResponseBody<B>> {
+    let Loading {
+        head,
+        body,
+        trailers,
+    } = last
+        .take()
+        .expect("a loading response is kept while waiting");
+    let response = Response::from_parts(
+        head,
+        ResponseBody::peeked(body, trailers.map(End::Trailers), None),
+    );
+    finish(response, ColdStartReport::new(attempts, waited))
+}
+
+fn finish<B>(mut response: Response<B>, report: ColdStartReport) -> Response<B> {
+    response.extensions_mut().insert(report);
+    response
+}

@@ -1,0 +1,172 @@
+//! The layer and its configuration.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use crate::classify::WaitBounds;
+use crate::{ColdStartRetry, RetryEvent};
+
+pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
+
+/// Everything a [`ColdStartRetry`] needs to know, shared by all its clones.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) max_total_wait: Duration,
+    pub(crate) max_wait: Duration,
+    pub(crate) default_wait: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) body_limit: usize,
+    pub(crate) wait_for_model: bool,
+    pub(crate) on_retry: Option<RetryHook>,
+}
+
+impl Config {
+    pub(crate) fn wait_bounds(&self) -> WaitBounds {
+        WaitBounds {
+            default_wait: self.default_wait,
+            max_wait: self.max_wait,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_total_wait: Duration::from_secs(120),
+            max_wait: Duration::from_secs(60),
+            default_wait: Duration::from_secs(20),
+            max_attempts: 10,
+            body_limit: 8 * 1024 * 1024,
+            wait_for_model: true,
+            on_retry: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("max_total_wait", &self.max_total_wait)
+            .field("max_wait", &self.max_wait)
+            .field("default_wait", &self.default_wait)
+            .field("max_attempts", &self.max_attempts)
+            .field("body_limit", &self.body_limit)
+            .field("wait_for_model", &self.wait_for_model)
+            .field(
+                "on_retry",
+                &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
+            )
+            .finish()
+    }
+}
+
+/// Wraps a service in [`ColdStartRetry`]: it waits out model cold starts.
+///
+/// `ColdStartRetryLayer::new()` (or `Default`) is set for the HuggingFace
+/// Inference API; each setter below says its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_cold_start::ColdStartRetryLayer;
+///
+/// let layer = ColdStartRetryLayer::new()
+///     .max_total_wait(Duration::from_secs(300))
+///     .on_retry(|event| {
+///         eprintln!("{} is loading, retrying in {:?}", event.uri(), event.wait());
+///     });
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ColdStartRetryLayer {
+    config: Arc<Config>,
+}
+
+impl ColdStartRetryLayer {
+    /// A layer with the HuggingFace defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The most time spent on one cold start, counted from the first loading
+    /// response. No attempt starts later, and no sleep runs past it; when it
+    /// runs out the caller gets the last loading response.
+    ///
+    /// Default: 120 s.
+    pub fn max_total_wait(mut self, max_total_wait: Duration) -> Self {
+        self.config_mut().max_total_wait = max_total_wait;
+        self
+    }
+
+    /// The longest single sleep, whatever `estimated_time` says.
+    ///
+    /// Default: 60 s.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.config_mut().max_wait = max_wait;
+        self
+    }
+
+    /// The sleep when the server gives no usable `estimated_time` (missing,
+    /// `null`, a string, negative, NaN or infinite). Capped by `max_wait`.
+    ///
+    /// Default: 20 s, the figure HuggingFace's own clients assume.
+    pub fn default_wait(mut self, default_wait: Duration) -> Self {
+        self.config_mut().default_wait = default_wait;
+        self
+    }
+
+    /// The most requests sent for one call, the first included. `0` is
+    /// treated as `1`: the request is always sent once.
+    ///
+    /// Default: 10.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.config_mut().max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// The largest request body, in bytes, that is buffered for replay. A
+    /// larger body is streamed once, intact, and never retried.
+    ///
+    /// Default: 8 MiB.
+    pub fn body_limit(mut self, body_limit: usize) -> Self {
+        self.config_mut().body_limit = body_limit;
+        self
+    }
+
+    /// Whether retries carry `x-wait-for-model: true`, asking the server to
+    /// hold the request until the model is loaded. The first attempt never
+    /// carries it (the header is left as the caller set it), as HuggingFace
+    /// advises, so only requests that met a cold start are held.
+    ///
+    /// Default: `true`.
+    pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
+        self.config_mut().wait_for_model = wait_for_model;
+        self
+    }
+
+    /// A function called before every wait, with the same facts as the
+    /// `tracing` event, e.g. to show progress. It runs inside the request's
+    /// future, so it must be quick and must not block.
+    ///
+    /// Default: none.
+    pub fn on_retry<F>(mut self, on_retry: F) -> Self
+    where
+        F: Fn(&RetryEvent<'_>) + Send + Sync + 'static,
+    {
+        self.config_mut().on_retry = Some(Arc::new(on_retry));
+        self
+    }
+}
+
+impl<S> Layer<S> for ColdStartRetryLayer {
+    type Service = ColdStartRetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ColdStartRetry::with_config(inner, Arc::clone(&self.config))
+    }
+}

@@ -1,0 +1,147 @@
+//! A [tower] layer that makes HTTP clients survive model cold starts.
+//!
+//! Hosted model servers unload idle models. The next request meets a *cold
+//! start*: the HuggingFace Inference API answers
+//!
+//! ```text
+//! HTTP/1.1 503 Service Unavailable
+//! Content-Type: application/json
+//!
+//! {"error":"Model distilbert/distilbert-base-uncased-finetuned-sst-2-english is currently loading","estimated_time":20.0}
+//! ```
+//!
+//! That is not a failure: the model will answer in a few seconds.
+//! [`ColdStartRetryLayer`] recognises this response, waits as the server
+//! advises (within bounds you set), asks the server to hold the retry until
+//! the model is ready (`x-wait-for-model: true`), and sends the request again
+//! with the same bytes. Everything else passes through untouched.
+//!
+//! # Example
+//!
+//! ```
+//! # use std::convert::Infallible;
+//! # use std::sync::atomic::{AtomicU32, Ordering};
+//! # use std::sync::Arc;
+//! # use bytes::Bytes;
+//! # use http::{Request, Response};
+//! # use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! # let calls = Arc::new(AtomicU32::new(0));
+//! # let backend = tower::service_fn(move |_req: Request<tower_cold_start::RequestBody<Full<Bytes>>>| {
+//! #     let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+//! #     async move {
+//! #         Ok::<_, Infallible>(if first {
+//! #             Response::builder().status(503).body(Full::new(Bytes::from_static(
+//! #                 br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#,
+//! #             ))).unwrap()
+//! #         } else {
+//! #             Response::new(Full::new(Bytes::from_static(br#"[{"generated_text":"Hello"}]"#)))
+//! #         })
+//! #     }
+//! # });
+//! // `backend` answers 503 "loading" once, then 200. In an application it is
+//! // a `hyper_util` client.
+//! let client = ServiceBuilder::new()
+//!     .layer(ColdStartRetryLayer::new())
+//!     .service(backend);
+//!
+//! let request = Request::post("https://api-inference.huggingface.co/models/gpt2")
+//!     .body(Full::new(Bytes::from_static(br#"{"inputs":"Hello"}"#)))?;
+//! let response = client.oneshot(request).await?;
+//!
+//! assert_eq!(response.status(), 200);
+//! let report = *response.extensions().get::<ColdStartReport>().unwrap();
+//! assert_eq!(report.attempts(), 2);
+//! assert_eq!(report.waited().as_secs(), 20);
+//! let body = response.into_body().collect().await?.to_bytes();
+//! assert_eq!(&body[..], br#"[{"generated_text":"Hello"}]"#);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - **Body replay.** The request body is buffered (up to
+//!   [`body_limit`](ColdStartRetryLayer::body_limit)) so that every attempt
+//!   sends the same method, URI, version, headers, extensions, bytes and
+//!   trailers. A body that is exactly one chunk (`Full<Bytes>`) is never
+//!   copied. A larger body is streamed once, intact, and never retried. A
+//!   request body that fails while it is read fails the call with that error,
+//!   and nothing is sent.
+//! - **Classification.** A response is a cold start when its status is `503`
+//!   and its body is a JSON object whose `error` string contains
+//!   `is currently loading`. Only `503` bodies are read, up to 4 KiB; a
+//!   larger, unreadable or non-JSON body is not a cold start. A response that
+//!   is not retried reaches the caller with its status, headers and every
+//!   body byte (and trailers, or body error) exactly as the server sent them.
+//!   `429`, other `503`s and error pages pass through after one request.
+//! - **Waiting.** After a cold start the layer sleeps `estimated_time`
+//!   seconds, capped by [`max_wait`](ColdStartRetryLayer::max_wait); a missing,
+//!   negative, NaN, infinite or non-numeric value means
+//!   [`default_wait`](ColdStartRetryLayer::default_wait). No sleep is shorter
+//!   than one second (unless `max_wait` is), so `"estimated_time": 0` cannot
+//!   cause a busy loop. Retries carry `x-wait-for-model: true` (see
+//!   [`wait_for_model`](ColdStartRetryLayer::wait_for_model)).
+//! - **Bounds.** No attempt starts, and no sleep runs, later than
+//!   [`max_total_wait`](ColdStartRetryLayer::max_total_wait) after the first
+//!   loading response, and at most
+//!   [`max_attempts`](ColdStartRetryLayer::max_attempts) requests are sent.
+//!   When either runs out, the caller gets the last loading response exactly
+//!   as the server sent it.
+//! - **Report.** Every response carries a [`ColdStartReport`] extension.
+//! - **Observability.** Each wait emits a `tracing` event at `INFO` (URI
+//!   authority and path, model, attempt, wait, estimate; never a header
+//!   value) and calls the [`on_retry`](ColdStartRetryLayer::on_retry) hook.
+//! - **Cancellation.** Dropping the response future at any point (while the
+//!   body is read, a request is in flight, or the layer sleeps) cancels the
+//!   call: nothing more is sent.
+//!
+//! # Timeouts
+//!
+//! Where a [`tower::timeout`] layer sits decides what it bounds:
+//!
+//! - **outside** (`.timeout(t).layer(ColdStartRetryLayer::new())`): `t` is
+//!   the caller's overall deadline, waits and retries included. Give it at
+//!   least `max_total_wait` plus one held request (HuggingFace holds a request
+//!   for up to about 60 s), e.g. 180 s with the defaults, or it will cut the
+//!   wait short.
+//! - **inside** (`.layer(ColdStartRetryLayer::new()).timeout(t)`): `t` bounds
+//!   each attempt. A held retry lasts until the model is ready, so `t` must be
+//!   longer than that (60 s or more); a timeout error is returned to the
+//!   caller as it is, not retried.
+//!
+//! Both together are the usual choice: an overall deadline for the caller, a
+//! per-attempt bound against a hung connection.
+//!
+//! [tower]: https://docs.rs/tower
+//! [`tower::timeout`]: https://docs.rs/tower/latest/tower/timeout/index.html
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+
+mod body;
+mod classify;
+pub mod future;
+mod layer;
+mod replay;
+mod report;
+mod service;
+
+pub use body::ResponseBody;
+pub use layer::ColdStartRetryLayer;
+pub use replay::RequestBody;
+pub use report::{ColdStartReport, RetryEvent};
+pub use service::ColdStartRetry;
+
+/// The error type of [`ColdStartRetry`]: the inner service's error, a
+/// request-body error, or an error of the layer's own, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,308 @@
+//! Request-body replay: buffer the caller's body once, send it on every attempt.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::BoxError;
+
+/// The request body the inner service receives.
+///
+/// Either the caller's body, buffered and replayed identically on every
+/// attempt (data and trailers), or, for a body larger than `body_limit`, the
+/// caller's body streamed once: the part already read, then the rest.
+///
+/// It is `Unpin` and `Send` whenever the caller's body is `Send`, as
+/// `hyper_util::client::legacy::Client` requires.
+pub struct RequestBody<B> {
+    kind: Kind<B>,
+}
+
+enum Kind<B> {
+    /// A buffered body: the whole data and the trailers, if any.
+    Replay {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    /// An unbuffered body: the chunks read before the limit was passed, then
+    /// the caller's body itself.
+    Stream {
+        prefix: VecDeque<Bytes>,
+        rest: Option<Pin<Box<B>>>,
+    },
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn replay(buffered: &Buffered) -> Self {
+        RequestBody {
+            kind: Kind::Replay {
+                data: buffered.data.clone().filter(|d| !d.is_empty()),
+                trailers: buffered.trailers.clone(),
+            },
+        }
+    }
+
+    pub(crate) fn stream(prefix: VecDeque<Bytes>, rest: Pin<Box<B>>) -> Self {
+        RequestBody {
+            kind: Kind::Stream {
+                prefix,
+                rest: Some(rest),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Replay { data, trailers } => f
+                .debug_struct("RequestBody::Replay")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            Kind::Stream { prefix, rest } => f
+                .debug_struct("RequestBody::Stream")
+                .field("prefix_len", &prefix.iter().map(Bytes::len).sum::<usize>())
+                .field("done", &rest.is_none())
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Replay { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            Kind::Stream { prefix, rest } => {
+                if let Some(chunk) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                let Some(body) = rest.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                if frame.is_none() {
+                    *rest = None;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Stream { prefix, rest } => {
+                prefix.is_empty() && rest.as_ref().map_or(true, |b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Stream { prefix, rest } => {
+                let read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+                crate::body::hint_plus(rest.as_ref().map(|b| b.size_hint()), read)
+            }
+        }
+    }
+}
+
+/// A request body read to its end: what every attempt sends.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    #[cfg(test)]
+    pub(crate) fn data(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or_default()
+    }
+}
+
+/// Where a body being buffered lives.
+///
+/// A body whose exact size is known to fit is read in place (no allocation).
+/// A body that may turn out too large is boxed first, because it must then be
+/// handed on, already started, to the inner service.
+pub(crate) enum Source<B> {
+    Fits(B),
+    MayOverflow(Pin<Box<B>>),
+}
+
+/// What reading the body ended in.
+pub(crate) enum Buffering<B> {
+    /// The whole body is in memory: it can be replayed.
+    Done(Buffered),
+    /// The body passed the limit: send it once, as it is.
+    Overflow(RequestBody<B>),
+}
+
+/// The error for a body whose `size_hint` promised fewer bytes than it sent.
+#[derive(Debug)]
+pub(crate) struct BodyLongerThanHint;
+
+impl fmt::Display for BodyLongerThanHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body is longer than its size hint")
+    }
+}
+
+impl std::error::Error for BodyLongerThanHint {}
+
+pin_project! {
+    /// Reads a request body into memory, up to a limit.
+    pub(crate) struct Reader<B> {
+        #[pin]
+        fits: Option<B>,
+        boxed: Option<Pin<Box<B>>>,
+        limit: usize,
+        len: usize,
+        // The first chunk is kept apart so that a single-chunk body (the
+        // common `Full<Bytes>`) is never copied.
+        first: Option<Bytes>,
+        more: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+    }
+}
+
+impl<B> Reader<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(source: Source<B>, limit: usize) -> Self {
+        let (fits, boxed) = match source {
+            Source::Fits(body) => (Some(body), None),
+            Source::MayOverflow(body) => (None, Some(body)),
+        };
+        Reader {
+            fits,
+            boxed,
+            limit,
+            len: 0,
+            first: None,
+            more: Vec::new(),
+            trailers: None,
+        }
+    }
+
+    pub(crate) fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Buffering<B>, BoxError>> {
+        let mut this = self.project();
+        loop {
+            let frame = if let Some(body) = this.fits.as_mut().as_pin_mut() {
+                ready!(body.poll_frame(cx))
+            } else if let Some(body) = this.boxed.as_mut() {
+                ready!(body.as_mut().poll_frame(cx))
+            } else {
+                None
+            };
+            let frame = match frame {
+                None => break,
+                Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                Some(Ok(frame)) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    // Trailers end the body; any other frame kind is kept
+                    // out of the replay because http-body defines none.
+                    if let Ok(trailers) = frame.into_trailers() {
+                        *this.trailers = Some(trailers);
+                    }
+                    continue;
+                }
+            };
+            if data.is_empty() {
+                continue;
+            }
+            *this.len = this.len.saturating_add(data.len());
+            if *this.len > *this.limit {
+                let Some(rest) = this.boxed.take() else {
+                    // Only a body with an exact hint within the limit is
+                    // read in place, and it just broke that promise.
+                    return Poll::Ready(Err(BodyLongerThanHint.into()));
+                };
+                let mut prefix: VecDeque<Bytes> = this.first.take().into_iter().collect();
+                prefix.extend(this.more.drain(..));
+                prefix.push_back(data);
+                return Poll::Ready(Ok(Buffering::Overflow(RequestBody::stream(prefix, rest))));
+            }
+            if this.first.is_none() {
+                *this.first = Some(data);
+            } else {
+                this.more.push(data);
+            }
+        }
+        let data = match this.first.take() {
+            Some(first) if this.more.is_empty() => Some(first),
+            Some(first) => {
+                let mut all = BytesMut::with_capacity(*this.len);
+                all.extend_from_slice(&first);
+                for chunk in this.more.drain(..) {
+                    all.extend_from_slice(&chunk);
+                }
+                Some(all.freeze())
+            }
+            None => None,
+        };
+        Poll::Ready(Ok(Buffering::Done(Buffered {
+            data,
+            trailers: this.trailers.take(),
+        })))
+    }
+}
+
+/// Decides how a body is handled before any of it is read.
+pub(crate) enum Plan<B> {
+    /// Nothing to read: replay an empty body.
+    Empty,
+    /// Read it (in place or boxed).
+    Read(Source<B>),
+    /// Known to be over the limit: stream it once, unread.
+    Stream(RequestBody<B>),
+}
+
+pub(crate) fn plan<B: Body>(body: B, limit: usize) -> Plan<B> {
+    if body.is_end_stream() {
+        return Plan::Empty;
+    }
+    let hint = body.size_hint();
+    let limit = limit as u64;
+    if hint.lower() > limit {
+        return Plan::Stream(RequestBody::stream(VecDeque::new(), Box::pin(body)));
+    }
+    match hint.exact() {
+        Some(n) if n <= limit => Plan::Read(Source::Fits(body)),
+        _ => Plan::Read(Source::MayOverflow(Box::pin(body))),
+    }
+}

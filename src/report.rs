@@ -1,0 +1,91 @@
+//! What the layer tells the caller and the application about its work.
+
+use std::time::Duration;
+
+use http::Uri;
+
+/// How a response was obtained, attached to every response as an extension.
+///
+/// On the warm path it says one attempt and no wait.
+///
+/// ```
+/// # use tower_cold_start::ColdStartReport;
+/// # let response = http::Response::new(());
+/// if let Some(report) = response.extensions().get::<ColdStartReport>() {
+///     println!("{} attempt(s), {:?} asleep", report.attempts(), report.waited());
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColdStartReport {
+    attempts: u32,
+    waited: Duration,
+}
+
+impl ColdStartReport {
+    pub(crate) fn new(attempts: u32, waited: Duration) -> Self {
+        ColdStartReport { attempts, waited }
+    }
+
+    /// How many requests were sent upstream for this call, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// How long the layer slept between attempts, in total.
+    ///
+    /// Time a server spent holding a request (`x-wait-for-model: true`) is part
+    /// of an attempt, not of this figure.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+/// The facts about one wait, given to the [`on_retry`] hook before the layer
+/// sleeps.
+///
+/// [`on_retry`]: crate::ColdStartRetryLayer::on_retry
+#[derive(Debug, Clone, Copy)]
+pub struct RetryEvent<'a> {
+    pub(crate) uri: &'a Uri,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) attempt: u32,
+    pub(crate) wait: Duration,
+    pub(crate) estimate: Option<f64>,
+    pub(crate) elapsed: Duration,
+}
+
+impl<'a> RetryEvent<'a> {
+    /// The request's URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The model the server named in its loading message, if it named one.
+    ///
+    /// This is the server's canonical id, which may differ in case from the
+    /// id in the URI.
+    pub fn model(&self) -> Option<&'a str> {
+        self.model
+    }
+
+    /// The attempt that was answered "loading" (1 for the first request).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// How long the layer is about to sleep before the next attempt.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// The server's `estimated_time` in seconds, as sent, when it was a
+    /// number; it may be negative, huge or non-finite.
+    pub fn estimate(&self) -> Option<f64> {
+        self.estimate
+    }
+
+    /// Time since the first loading response for this call.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
