@@ -1,0 +1,321 @@
+//! Rule 1: every attempt sends the same request; a body over the limit is
+//! sent once, intact.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, Version};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty, Full};
+use support::*;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::{BoxError, ColdStartReport, ColdStartRetryLayer, RequestBody};
+
+const MODEL: &str = "/models/gpt2";
+
+fn cold_server_models() -> [(&'static str, Model); 1] {
+    [(MODEL, Model::cold_with(Duration::from_secs(3), 2.0, false))]
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_sends_identical_method_uri_version_headers_and_body() {
+    let server = HfServer::start(cold_server_models()).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(http1());
+    let body = json_input(2048);
+    let request = Request::put(format!("{}?wait=1&x=%20y", server.url(MODEL)))
+        .header("authorization", "Bearer hf_secret_token")
+        .header("content-type", "application/json")
+        .header("x-custom", "a")
+        .header("x-custom", "b")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(bytes(response).await, body);
+
+    let received = server.received();
+    assert_eq!(received.len(), 3, "cold for 3 s, polled at 0, 2 and 4 s");
+    for r in &received {
+        assert_eq!(r.method, http::Method::PUT);
+        assert_eq!(r.uri, received[0].uri);
+        assert_eq!(r.uri.query(), Some("wait=1&x=%20y"));
+        assert_eq!(r.version, Version::HTTP_11);
+        assert_eq!(r.body, body);
+        assert_eq!(r.headers["authorization"], "Bearer hf_secret_token");
+        let custom: Vec<_> = r.headers.get_all("x-custom").iter().collect();
+        assert_eq!(custom, ["a", "b"]);
+        let mut headers = r.headers.clone();
+        headers.remove("x-wait-for-model");
+        let mut first = received[0].headers.clone();
+        first.remove("x-wait-for-model");
+        assert_eq!(headers, first);
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(http::request::Parts, Bytes, Option<HeaderMap>)>>>;
+
+/// A backend that records what it receives and answers "loading" `cold` times.
+fn recording_backend<B>(
+    cold: usize,
+) -> (
+    Seen,
+    impl tower::Service<
+            Request<RequestBody<B>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone,
+)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let service = tower::service_fn(move |req: Request<RequestBody<B>>| {
+        let record = record.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let collected = body
+                .collect()
+                .await
+                .ok()
+                .expect("replayed body never fails");
+            let trailers = collected.trailers().cloned();
+            let n = {
+                let mut seen = record.lock().unwrap();
+                seen.push((parts, collected.to_bytes(), trailers));
+                seen.len()
+            };
+            let response = if n <= cold {
+                hf_server::loading("gpt2", Some("1.0"))
+            } else {
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (seen, service)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Tag(&'static str);
+
+#[tokio::test(start_paused = true)]
+async fn extensions_and_trailers_are_replayed_on_every_attempt() {
+    let (seen, backend) = recording_backend(2);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(backend);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames = vec![
+        Frame::data(Bytes::from_static(b"hello ")),
+        Frame::data(Bytes::from_static(b"cold ")),
+        Frame::data(Bytes::from_static(b"world")),
+        Frame::trailers(trailers.clone()),
+    ];
+    let mut request = Request::post("http://model.test/models/gpt2")
+        .body(Frames::new(frames))
+        .unwrap();
+    request.extensions_mut().insert(Tag("caller"));
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    for (parts, body, got_trailers) in seen.iter() {
+        assert_eq!(&body[..], b"hello cold world");
+        assert_eq!(got_trailers.as_ref(), Some(&trailers));
+        assert_eq!(parts.extensions.get::<Tag>(), Some(&Tag("caller")));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_cut_into_many_chunks_is_replayed_whole() {
+    let (seen, backend) = recording_backend(1);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(backend);
+    let input = json_input(10_000);
+    let frames = input
+        .chunks(7)
+        .map(|c| Frame::data(Bytes::copy_from_slice(c)))
+        .collect();
+    let request = Request::post("http://model.test/")
+        .body(Frames::new(frames))
+        .unwrap();
+    client.oneshot(request).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen
+        .iter()
+        .all(|(_, body, trailers)| body == &input && trailers.is_none()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_body_is_replayed_empty() {
+    let server = HfServer::start(cold_server_models()).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(http1());
+    let request = Request::get(server.url(MODEL))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let received = server.received();
+    assert_eq!(received.len(), 3);
+    assert!(received
+        .iter()
+        .all(|r| r.body.is_empty() && r.method == http::Method::GET));
+    assert!(received
+        .iter()
+        .all(|r| r.headers.get("content-length").is_none()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_string_body_is_replayed() {
+    let server = HfServer::start(cold_server_models()).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(http1());
+    let request = Request::post(server.url(MODEL))
+        .body(String::from(r#"{"inputs":"héllo"}"#))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(server
+        .received()
+        .iter()
+        .all(|r| r.body == r#"{"inputs":"héllo"}"#.as_bytes()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_body_over_the_limit_is_sent_once_intact_and_not_retried() {
+    let server = HfServer::start([(MODEL, Model::never_loads("1.0"))]).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().body_limit(1024))
+        .service(http1());
+    let input: Bytes = (0..64 * 1024)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    let chunks: Vec<Bytes> = input.chunks(1000).map(Bytes::copy_from_slice).collect();
+    tokio::spawn(async move {
+        for chunk in chunks {
+            tx.send_data(chunk).await.unwrap();
+        }
+    });
+    let request = Request::post(server.url(MODEL)).body(body).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    // Not retried: the loading 503 comes back as the server sent it.
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<ColdStartReport>()
+            .unwrap()
+            .attempts(),
+        1
+    );
+    assert_eq!(bytes(response).await, loading_body("gpt2", Some("1.0")));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body, input);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_known_to_be_over_the_limit_is_sent_once_unread() {
+    let server = HfServer::start([(MODEL, Model::never_loads("1.0"))]).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().body_limit(1024))
+        .service(http1());
+    let input = json_input(1025);
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(input.clone()))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body, input);
+    assert_eq!(received[0].headers["content-length"], "1025");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_exactly_at_the_limit_is_replayed() {
+    let server = HfServer::start(cold_server_models()).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().body_limit(1024))
+        .service(http1());
+    let input = json_input(1024);
+    assert_eq!(input.len(), 1024);
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(input.clone()))
+        .unwrap();
+    assert_eq!(client.oneshot(request).await.unwrap().status(), 200);
+    assert_eq!(server.count(), 3);
+    assert!(server.received().iter().all(|r| r.body == input));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_body_error_reaches_the_caller_and_nothing_is_sent() {
+    let (seen, backend) = recording_backend(0);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(backend);
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(4);
+    tokio::spawn(async move {
+        tx.send_data(Bytes::from_static(b"{\"inputs\":"))
+            .await
+            .unwrap();
+        tx.abort(std::io::Error::other("upload cut off"));
+    });
+    let request = Request::post("http://model.test/").body(body).unwrap();
+    let error = client.oneshot(request).await.unwrap_err();
+    assert!(error.is::<std::io::Error>(), "{error:?}");
+    assert_eq!(error.to_string(), "upload cut off");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+/// A body whose size hint promises less than it sends.
+struct Liar(Option<Bytes>);
+
+impl Body for Liar {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(10)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_lies_about_its_size_past_the_limit_is_an_error() {
+    let (seen, backend) = recording_backend(0);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().body_limit(100))
+        .service(backend);
+    let request = Request::post("http://model.test/")
+        .body(Liar(Some(Bytes::from(vec![b'x'; 1000]))))
+        .unwrap();
+    let error = client.oneshot(request).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "request body is longer than its size hint"
+    );
+    assert!(seen.lock().unwrap().is_empty());
+}

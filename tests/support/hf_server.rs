@@ -1,0 +1,287 @@
+//! A HuggingFace-like model server on 127.0.0.1, built from `shared/HF_WIRE.md`.
+//!
+//! Shared by the tests, the quickstart example and the benches (`#[path]`).
+//! It speaks HTTP/1.1 and HTTP/2 (prior knowledge) on one port, records every
+//! request it receives, and serves each model path with a behaviour:
+//! warm, cold for a while (holding requests that carry `x-wait-for-model`, or
+//! not), never loading, or a fixed response. Time is tokio's, so tests run it
+//! under paused time.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+/// How a model path answers.
+#[derive(Clone, Debug)]
+pub enum Model {
+    /// Answers 200 at once, echoing the request body.
+    Warm,
+    /// Answers the loading 503 until `ready_after` has passed since its first
+    /// request, then 200. `estimate` is the raw JSON text of `estimated_time`
+    /// (`None`: the field is omitted). When `holds`, a request carrying
+    /// `x-wait-for-model` is held until the model is ready, for at most 60 s
+    /// (then 500 "Model too busy", as HuggingFace does).
+    Cold {
+        ready_after: Duration,
+        estimate: Option<String>,
+        holds: bool,
+    },
+    /// Answers the loading 503 forever.
+    NeverLoads { estimate: Option<String> },
+    /// Always answers this.
+    Fixed {
+        status: StatusCode,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
+}
+
+impl Model {
+    /// Cold for `ready_after`, with HuggingFace's usual estimate of 20 s,
+    /// honouring the hold header.
+    pub fn cold(ready_after: Duration) -> Self {
+        Model::Cold {
+            ready_after,
+            estimate: Some("20.0".into()),
+            holds: true,
+        }
+    }
+
+    pub fn cold_with(ready_after: Duration, estimate: f64, holds: bool) -> Self {
+        Model::Cold {
+            ready_after,
+            estimate: Some(format!("{estimate:?}")),
+            holds,
+        }
+    }
+
+    pub fn never_loads(estimate: &str) -> Self {
+        Model::NeverLoads {
+            estimate: Some(estimate.into()),
+        }
+    }
+
+    pub fn fixed(status: u16, content_type: &str, body: impl Into<Bytes>) -> Self {
+        Model::Fixed {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: vec![("content-type", content_type.into())],
+            body: body.into(),
+        }
+    }
+}
+
+/// One request as the server received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+    /// When it arrived, on tokio's clock.
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    models: HashMap<String, Model>,
+    first_seen: HashMap<String, Instant>,
+    received: Vec<Received>,
+}
+
+/// A running server. It stops when the runtime that started it ends.
+#[derive(Clone)]
+pub struct HfServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+/// The loading body HuggingFace sends, for `model` with `estimate`.
+pub fn loading_body(model: &str, estimate: Option<&str>) -> Bytes {
+    match estimate {
+        Some(e) => {
+            format!(r#"{{"error":"Model {model} is currently loading","estimated_time":{e}}}"#)
+        }
+        None => format!(r#"{{"error":"Model {model} is currently loading"}}"#),
+    }
+    .into()
+}
+
+impl HfServer {
+    /// Starts a server serving `models` (path -> behaviour) on 127.0.0.1.
+    pub async fn start<'a>(models: impl IntoIterator<Item = (&'a str, Model)>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = State {
+            models: models.into_iter().map(|(p, m)| (p.to_owned(), m)).collect(),
+            ..State::default()
+        };
+        let server = HfServer {
+            addr,
+            state: Arc::new(Mutex::new(state)),
+        };
+        let accept = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let server = accept.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        server
+    }
+
+    /// The URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every request received so far, in order of arrival.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    /// How many requests were received so far.
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().received.len()
+    }
+
+    /// Replaces the behaviour of `path`.
+    pub fn set_model(&self, path: &str, model: Model) {
+        let mut state = self.state.lock().unwrap();
+        state.models.insert(path.to_owned(), model);
+        state.first_seen.remove(path);
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let (body, trailers) = match body.collect().await {
+            Ok(collected) => {
+                let trailers = collected.trailers().cloned();
+                (collected.to_bytes(), trailers)
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "broken request body"),
+        };
+        let now = Instant::now();
+        let path = parts.uri.path().to_owned();
+        let holds_requested = parts
+            .headers
+            .get("x-wait-for-model")
+            .is_some_and(|v| v == "true" || v == "1");
+        let (model, first_seen) = {
+            let mut state = self.state.lock().unwrap();
+            state.received.push(Received {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+                body: body.clone(),
+                trailers,
+                at: now,
+            });
+            let first_seen = *state.first_seen.entry(path.clone()).or_insert(now);
+            (state.models.get(&path).cloned(), first_seen)
+        };
+        let model_id = path.trim_start_matches("/models/");
+        match model {
+            None => plain(StatusCode::NOT_FOUND, "no such model"),
+            Some(Model::Warm) => ok(body),
+            Some(Model::Fixed {
+                status,
+                headers,
+                body,
+            }) => {
+                let mut response = Response::new(Full::new(body));
+                *response.status_mut() = status;
+                for (name, value) in headers {
+                    response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                response
+            }
+            Some(Model::NeverLoads { estimate }) => loading(model_id, estimate.as_deref()),
+            Some(Model::Cold {
+                ready_after,
+                estimate,
+                holds,
+            }) => {
+                let ready_at = first_seen + ready_after;
+                if now >= ready_at {
+                    return ok(body);
+                }
+                if holds && holds_requested {
+                    let hold_limit = now + Duration::from_secs(60);
+                    if ready_at <= hold_limit {
+                        tokio::time::sleep_until(ready_at).await;
+                        return ok(body);
+                    }
+                    tokio::time::sleep_until(hold_limit).await;
+                    return too_busy();
+                }
+                loading(model_id, estimate.as_deref())
+            }
+        }
+    }
+}
+
+/// A success: a JSON-ish answer that echoes the request body.
+fn ok(body: Bytes) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .unwrap()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from_static(text.as_bytes())))
+        .unwrap()
+}
+
+/// The loading 503 with the headers HuggingFace sends.
+pub fn loading(model: &str, estimate: Option<&str>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header("content-type", "application/json")
+        .header("access-control-allow-credentials", "true")
+        .header(
+            "vary",
+            "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        )
+        .header("x-request-id", "Ab3dE5gH7jK9mN1pQ3sT5")
+        .body(Full::new(loading_body(model, estimate)))
+        .unwrap()
+}
+
+fn too_busy() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::INTERNAL_SERVER_ERROR)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#,
+        )))
+        .unwrap()
+}
