@@ -1,0 +1,311 @@
+//! Rule 2: only the loading 503 is retried; everything else reaches the
+//! caller exactly as the server sent it, after one request.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+
+const MODEL: &str = "/models/gpt2";
+
+async fn one_call(model: Model) -> (HfServer, Response<Bytes>) {
+    let server = HfServer::start([(MODEL, model)]).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(http1());
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(Bytes::from_static(b"{\"inputs\":\"x\"}")))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (server, Response::from_parts(parts, body))
+}
+
+async fn assert_passes_through(status: u16, content_type: &str, body: &'static [u8]) {
+    let (server, response) = one_call(Model::fixed(status, content_type, body)).await;
+    assert_eq!(server.count(), 1, "{status}: exactly one request");
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(response.headers()["content-type"], content_type);
+    assert_eq!(
+        response.headers()["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert_eq!(&response.body()[..], body, "{status}: body intact");
+    let report = response.extensions().get::<ColdStartReport>().unwrap();
+    assert_eq!((report.attempts(), report.waited()), (1, Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_429_passes_through_untouched() {
+    assert_passes_through(
+        429,
+        "application/json",
+        br#"{"error":"Rate limit reached. Please log in or use a HF access token"}"#,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tgi_overload_429_passes_through_untouched() {
+    assert_passes_through(
+        429,
+        "application/json",
+        br#"{"error":"Model is overloaded","error_type":"overloaded"}"#,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_without_the_marker_passes_through_untouched() {
+    assert_passes_through(
+        503,
+        "application/json",
+        br#"{"error":"Service Unavailable"}"#,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_html_503_page_passes_through_untouched() {
+    assert_passes_through(
+        503,
+        "text/html",
+        b"<html><head><title>503</title></head><body>Model gpt2 is currently loading</body></html>",
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_marker_on_another_status_passes_through_untouched() {
+    for status in [200, 500, 502, 504] {
+        assert_passes_through(
+            status,
+            "application/json",
+            br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn validation_errors_pass_through_untouched() {
+    assert_passes_through(422, "application/json", br#"{"error":"Input validation error: `inputs` must be non-empty","error_type":"validation"}"#).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_json_503s_pass_through_untouched() {
+    for body in [
+        &br#"{"error":"Model gpt2 is currently loading","estimated_time":NaN}"#[..],
+        br#"{"error":"Model gpt2 is currently loading","#,
+        br#"["Model gpt2 is currently loading"]"#,
+        b"\xff\xfe\xfd not utf-8 is currently loading",
+        br#"{"error":"Model gpt2 is currently loading","error":"dup"}"#,
+    ] {
+        let (server, response) = one_call(Model::fixed(503, "application/json", body)).await;
+        assert_eq!(server.count(), 1);
+        assert_eq!(response.status(), 503);
+        assert_eq!(&response.body()[..], body);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deeply_nested_503_passes_through_untouched() {
+    let mut body = String::from(r#"{"error":"Model gpt2 is currently loading","x":"#);
+    body.push_str(&"[".repeat(3000));
+    body.push_str(&"]".repeat(3000));
+    body.push('}');
+    let body: &'static [u8] = Box::leak(body.into_bytes().into_boxed_slice());
+    let (server, response) = one_call(Model::fixed(503, "application/json", body)).await;
+    assert_eq!(server.count(), 1);
+    assert_eq!(&response.body()[..], body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_loading_503_is_not_a_cold_start_and_arrives_whole() {
+    // The marker is at the start, but the body is far over the 4 KiB cap.
+    let mut body =
+        br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0,"pad":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'x', 200_000));
+    body.extend(br#""}"#);
+    let body: &'static [u8] = Box::leak(body.into_boxed_slice());
+    let (server, response) = one_call(Model::fixed(503, "application/json", body)).await;
+    assert_eq!(server.count(), 1);
+    assert_eq!(response.body().len(), body.len());
+    assert_eq!(&response.body()[..], body);
+}
+
+/// A backend whose 503 body arrives in pieces, for the peek's edge cases.
+fn chunked_503(
+    frames: Vec<Result<Frame<Bytes>, std::io::Error>>,
+) -> impl tower::Service<
+    Request<tower_cold_start::RequestBody<Full<Bytes>>>,
+    Response = Response<Chunks>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let frames = std::sync::Arc::new(frames);
+    tower::service_fn(move |_req| {
+        let frames = frames.iter().map(clone_frame).collect();
+        async move {
+            let mut response = Response::new(Chunks(frames));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            response
+                .headers_mut()
+                .insert("x-origin", "edge".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+fn clone_frame(f: &Result<Frame<Bytes>, std::io::Error>) -> Result<Frame<Bytes>, std::io::Error> {
+    match f {
+        Ok(frame) => Ok(match frame.data_ref() {
+            Some(d) => Frame::data(d.clone()),
+            None => Frame::trailers(frame.trailers_ref().unwrap().clone()),
+        }),
+        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+/// A response body made of the given frames (no size hint).
+struct Chunks(std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front())
+    }
+}
+
+async fn call_chunked(
+    frames: Vec<Result<Frame<Bytes>, std::io::Error>>,
+) -> Response<tower_cold_start::ResponseBody<Chunks>> {
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().max_attempts(3))
+        .service(chunked_503(frames));
+    client
+        .oneshot(
+            Request::post("http://m.test/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_body_that_fails_mid_read_reaches_the_caller_with_its_bytes_then_the_error() {
+    let response = call_chunked(vec![
+        Ok(Frame::data(Bytes::from_static(
+            b"{\"error\":\"Model gpt2 is cur",
+        ))),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset mid-body",
+        )),
+    ])
+    .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["x-origin"], "edge");
+    assert_eq!(
+        response
+            .extensions()
+            .get::<ColdStartReport>()
+            .unwrap()
+            .attempts(),
+        1
+    );
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"{\"error\":\"Model gpt2 is cur");
+    let error = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test(start_paused = true)]
+async fn trailers_of_a_503_that_is_not_retried_reach_the_caller() {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "14".parse().unwrap());
+    let response = call_chunked(vec![
+        Ok(Frame::data(Bytes::from_static(b"upstream "))),
+        Ok(Frame::data(Bytes::from_static(b"unavailable"))),
+        Ok(Frame::trailers(trailers.clone())),
+    ])
+    .await;
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers(), Some(&trailers));
+    assert_eq!(&collected.to_bytes()[..], b"upstream unavailable");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_loading_body_in_pieces_is_recognised_and_returned_whole_when_the_budget_ends() {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-end", "1".parse().unwrap());
+    let response = call_chunked(vec![
+        Ok(Frame::data(Bytes::from_static(
+            b"{\"error\":\"Model gpt2 is ",
+        ))),
+        Ok(Frame::data(Bytes::from_static(
+            b"currently loading\",\"estimated_time\":2}",
+        ))),
+        Ok(Frame::trailers(trailers.clone())),
+    ])
+    .await;
+    let report = *response.extensions().get::<ColdStartReport>().unwrap();
+    assert_eq!(
+        report.attempts(),
+        3,
+        "recognised as loading: retried to max_attempts"
+    );
+    // The last attempt's 503 is handed on as it came, chunks and trailers.
+    let mut body = response.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        frames.push(frame.unwrap());
+    }
+    assert_eq!(frames.len(), 3);
+    assert_eq!(
+        frames[0].data_ref().unwrap(),
+        &b"{\"error\":\"Model gpt2 is "[..]
+    );
+    assert_eq!(frames[2].trailers_ref(), Some(&trailers));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_that_grows_past_the_cap_mid_read_is_handed_on_whole() {
+    let big = Bytes::from(vec![b'y'; 5000]);
+    let response = call_chunked(vec![
+        Ok(Frame::data(Bytes::from_static(
+            b"{\"error\":\"Model gpt2 is currently loading\",\"p\":\"",
+        ))),
+        Ok(Frame::data(big.clone())),
+        Ok(Frame::data(Bytes::from_static(b"\"}"))),
+    ])
+    .await;
+    assert_eq!(
+        response
+            .extensions()
+            .get::<ColdStartReport>()
+            .unwrap()
+            .attempts(),
+        1
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let mut expected = b"{\"error\":\"Model gpt2 is currently loading\",\"p\":\"".to_vec();
+    expected.extend_from_slice(&big);
+    expected.extend_from_slice(b"\"}");
+    assert_eq!(&body[..], &expected[..]);
+}

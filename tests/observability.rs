@@ -1,0 +1,150 @@
+//! Rule 6: one tracing event and one hook call per wait, with the same facts,
+//! and never a header value.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::*;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::ColdStartRetryLayer;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+
+const MODEL: &str = "/models/openai-community/gpt2";
+const SECRET: &str = "Bearer hf_TopSecretToken0123456789";
+
+/// Writes every event as `level message key=value ...` lines.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+struct Line<'a>(&'a mut String);
+
+impl Visit for Line<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
+    }
+}
+
+impl Subscriber for Capture {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut line = format!("{} {}", event.metadata().level(), event.metadata().target());
+        event.record(&mut Line(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_wait_is_traced_and_given_to_the_hook_without_header_values() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(50), 20.0, false),
+    )])
+    .await;
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().on_retry(move |e| {
+            sink.lock().unwrap().push((
+                e.uri().to_string(),
+                e.model().map(str::to_owned),
+                e.attempt(),
+                e.wait(),
+                e.estimate(),
+                e.elapsed(),
+            ))
+        }))
+        .service(http1());
+    let request = Request::post(server.url(MODEL))
+        .header("authorization", SECRET)
+        .header("x-api-key", "another-secret-value")
+        .body(Full::new(Bytes::from_static(b"{\"inputs\":\"hi\"}")))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let url = server.url(MODEL);
+    let events = events.lock().unwrap().clone();
+    let model = Some("openai-community/gpt2".to_owned());
+    assert_eq!(
+        events,
+        [
+            (
+                url.clone(),
+                model.clone(),
+                1,
+                Duration::from_secs(20),
+                Some(20.0),
+                Duration::ZERO
+            ),
+            (
+                url.clone(),
+                model.clone(),
+                2,
+                Duration::from_secs(20),
+                Some(20.0),
+                Duration::from_secs(20)
+            ),
+            (
+                url.clone(),
+                model.clone(),
+                3,
+                Duration::from_secs(20),
+                Some(20.0),
+                Duration::from_secs(40)
+            ),
+        ]
+    );
+
+    let lines = capture.0.lock().unwrap().clone();
+    let ours: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("tower_cold_start"))
+        .collect();
+    assert_eq!(ours.len(), 3, "{lines:#?}");
+    for (i, line) in ours.iter().enumerate() {
+        assert!(line.starts_with("INFO tower_cold_start"), "{line}");
+        assert!(line.contains(&format!("attempt={}", i + 1)), "{line}");
+        assert!(line.contains("wait_ms=20000"), "{line}");
+        assert!(line.contains("estimate=20.0"), "{line}");
+        assert!(line.contains("openai-community/gpt2"), "{line}");
+        assert!(line.contains(&format!("path=\"{MODEL}\"")), "{line}");
+    }
+    for line in &lines {
+        assert!(!line.contains("hf_TopSecretToken"), "secret leaked: {line}");
+        assert!(
+            !line.contains("another-secret-value"),
+            "secret leaked: {line}"
+        );
+    }
+}
+
+#[test]
+fn debug_output_never_shows_the_hook_or_header_values() {
+    let layer = ColdStartRetryLayer::new().on_retry(|_| {});
+    let text = format!("{layer:?}");
+    assert!(text.contains("max_total_wait: 120s"), "{text}");
+    assert!(
+        text.contains("on_retry: Some(\"Fn(&RetryEvent)\")"),
+        "{text}"
+    );
+}
