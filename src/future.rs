@@ -406,7 +406,7 @@ fn plan_wait(
 }
 
 fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {
-    cold_since.map_or(false, |since| since.elapsed() > config.max_total_wait)
+    cold_since.is_some_and(|since| since.elapsed() > config.max_total_wait)
 }
 
 /// The last loading response, exactly as it came.

@@ -142,6 +142,11 @@ pub use replay::RequestBody;
 pub use report::{ColdStartReport, RetryEvent};
 pub use service::ColdStartRetry;
 
+// The README's examples are compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The error type of [`ColdStartRetry`]: the inner service's error, a
 /// request-body error, or an error of the layer's own, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

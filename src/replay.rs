@@ -139,13 +139,6 @@ pub(crate) struct Buffered {
     trailers: Option<HeaderMap>,
 }
 
-impl Buffered {
-    #[cfg(test)]
-    pub(crate) fn data(&self) -> &[u8] {
-        self.data.as_deref().unwrap_or_default()
-    }
-}
-
 /// Where a body being buffered lives.
 ///
 /// A body whose exact size is known to fit is read in place (no allocation).

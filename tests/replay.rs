@@ -82,11 +82,7 @@ where
         let record = record.clone();
         async move {
             let (parts, body) = req.into_parts();
-            let collected = body
-                .collect()
-                .await
-                .ok()
-                .expect("replayed body never fails");
+            let collected = body.collect().await.expect("replayed body never fails");
             let trailers = collected.trailers().cloned();
             let n = {
                 let mut seen = record.lock().unwrap();
