@@ -28,6 +28,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_cold_start::ColdStartRetryLayer;
 
 const CALLERS: usize = 32;
+/// Loopback rounds, alternating bare and layered.
+const ROUNDS: usize = 4;
 
 fn input() -> Bytes {
     let mut s = String::from(r#"{"inputs":""#);
@@ -159,7 +161,7 @@ fn loopback(c: &mut Criterion) {
     let mut group = c.benchmark_group("loopback");
     group.throughput(Throughput::Elements(CALLERS as u64));
     // Alternate the two so that drift of a shared machine hits both alike.
-    for round in 0..3 {
+    for round in 0..ROUNDS {
         group.bench_function(BenchmarkId::new("bare", round), |b| {
             b.to_async(&rt).iter(|| burst(&bare, &url, &body))
         });
@@ -193,7 +195,7 @@ fn summary() {
         );
     }
     let (mut bare, mut layered) = (0.0, 0.0);
-    for round in 0..3 {
+    for round in 0..ROUNDS {
         let (Some(b), Some(l)) = (
             mean_ns(&format!("loopback/bare/{round}")),
             mean_ns(&format!("loopback/layered/{round}")),

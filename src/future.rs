@@ -46,7 +46,8 @@ pin_project! {
         cold_since: Option<Instant>,
         // The latest loading response, returned as it came if the budget
         // runs out before the next attempt is sent.
-        last: Option<Loading>,
+        // Boxed: only a cold start needs it.
+        last: Option<Box<Loading>>,
     }
 }
 
@@ -280,11 +281,11 @@ where
                         End::Trailers(trailers) => Some(trailers),
                         _ => None,
                     };
-                    *this.last = Some(Loading {
+                    *this.last = Some(Box::new(Loading {
                         head,
                         body: read,
                         trailers,
-                    });
+                    }));
                     match plan_wait(
                         this.config,
                         this.cold_since,
@@ -411,7 +412,7 @@ fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {
 
 /// The last loading response, exactly as it came.
 fn give_up<B: Body>(
-    last: &mut Option<Loading>,
+    last: &mut Option<Box<Loading>>,
     attempts: u32,
     waited: Duration,
 ) -> Response<ResponseBody<B>> {
@@ -419,7 +420,7 @@ fn give_up<B: Body>(
         head,
         body,
         trailers,
-    } = last
+    } = *last
         .take()
         .expect("a loading response is kept while waiting");
     let response = Response::from_parts(

@@ -28,7 +28,7 @@ enum Kind<B> {
     /// A buffered body: the whole data and the trailers, if any.
     Replay {
         data: Option<Bytes>,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
     },
     /// An unbuffered body: the chunks read before the limit was passed, then
     /// the caller's body itself.
@@ -92,7 +92,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             Kind::Stream { prefix, rest } => {
                 if let Some(chunk) = prefix.pop_front() {
@@ -136,7 +136,8 @@ where
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Buffered {
     data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    // Boxed: rare, and it keeps every response future smaller.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 /// Where a body being buffered lives.
@@ -181,7 +182,7 @@ pin_project! {
         // common `Full<Bytes>`) is never copied.
         first: Option<Bytes>,
         more: Vec<Bytes>,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
     }
 }
 
@@ -230,7 +231,7 @@ where
                     // Trailers end the body; any other frame kind is kept
                     // out of the replay because http-body defines none.
                     if let Ok(trailers) = frame.into_trailers() {
-                        *this.trailers = Some(trailers);
+                        *this.trailers = Some(Box::new(trailers));
                     }
                     continue;
                 }
