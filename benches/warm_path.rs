@@ -15,10 +15,11 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
@@ -28,8 +29,6 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_cold_start::ColdStartRetryLayer;
 
 const CALLERS: usize = 32;
-/// Loopback rounds, alternating bare and layered.
-const ROUNDS: usize = 4;
 
 fn input() -> Bytes {
     let mut s = String::from(r#"{"inputs":""#);
@@ -87,6 +86,11 @@ fn in_process(c: &mut Criterion) {
     let layered = ServiceBuilder::new()
         .layer(ColdStartRetryLayer::new())
         .service(tower::service_fn(backend));
+    // No retry possible, so no copy of the request head is kept: shows what
+    // that copy costs.
+    let single = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().max_attempts(1))
+        .service(tower::service_fn(backend));
 
     let mut group = c.benchmark_group("in_process");
     group.throughput(Throughput::Elements(1));
@@ -97,6 +101,10 @@ fn in_process(c: &mut Criterion) {
     group.bench_function("layered", |b| {
         b.to_async(&rt)
             .iter(|| call(layered.clone(), black_box(request(url, &body))))
+    });
+    group.bench_function("layered_one_attempt", |b| {
+        b.to_async(&rt)
+            .iter(|| call(single.clone(), black_box(request(url, &body))))
     });
     group.finish();
 }
@@ -120,7 +128,7 @@ async fn start_server() -> std::net::SocketAddr {
 }
 
 /// `CALLERS` concurrent requests through clones of `client`.
-async fn burst<S, B>(client: &S, url: &str, body: &Bytes) -> usize
+async fn burst<S, B>(client: &S, url: &'static str, body: &'static Bytes) -> usize
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: std::fmt::Debug,
@@ -146,30 +154,105 @@ fn loopback(c: &mut Criterion) {
         .build()
         .unwrap();
     let addr = rt.block_on(start_server());
-    let url = format!("http://{addr}/models/distilbert");
-    let body = input();
+    let url: &'static str = Box::leak(format!("http://{addr}/models/distilbert").into_boxed_str());
+    let body: &'static Bytes = Box::leak(Box::new(input()));
     let bare = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let layered = ServiceBuilder::new()
         .layer(ColdStartRetryLayer::new())
         .service(Client::builder(TokioExecutor::new()).build_http());
     // Warm both connection pools.
     rt.block_on(async {
-        burst(&bare, &url, &body).await;
-        burst(&layered, &url, &body).await;
+        burst(&bare, url, body).await;
+        burst(&layered, url, body).await;
     });
 
     let mut group = c.benchmark_group("loopback");
     group.throughput(Throughput::Elements(CALLERS as u64));
-    // Alternate the two so that drift of a shared machine hits both alike.
-    for round in 0..ROUNDS {
-        group.bench_function(BenchmarkId::new("bare", round), |b| {
-            b.to_async(&rt).iter(|| burst(&bare, &url, &body))
-        });
-        group.bench_function(BenchmarkId::new("layered", round), |b| {
-            b.to_async(&rt).iter(|| burst(&layered, &url, &body))
-        });
-    }
+    group.bench_function("bare", |b| b.to_async(&rt).iter(|| burst(&bare, url, body)));
+    group.bench_function("layered", |b| {
+        b.to_async(&rt).iter(|| burst(&layered, url, body))
+    });
+    // The same, interleaved burst by burst with the order rotating, so that
+    // the drift of a shared 2-core machine hits all alike. Criterion times
+    // the rounds; the split between the clients is summed in `INTERLEAVED`.
+    let naive = Naive(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    rt.block_on(burst(&naive, url, body));
+    group.bench_function("interleaved", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut round = Duration::ZERO;
+                for i in 0..iters {
+                    let mut times = [Duration::ZERO; 3];
+                    for k in 0..3 {
+                        let which = (i as usize + k) % 3;
+                        let t = Instant::now();
+                        match which {
+                            0 => burst(&bare, url, body).await,
+                            1 => burst(&layered, url, body).await,
+                            _ => burst(&naive, url, body).await,
+                        };
+                        times[which] = t.elapsed();
+                    }
+                    let mut totals = INTERLEAVED.lock().unwrap();
+                    for (total, time) in totals.iter_mut().zip(times) {
+                        *total += time;
+                        round += time;
+                    }
+                }
+                round
+            })
+        })
+    });
     group.finish();
+}
+
+/// Time spent in bare, layered and naive bursts by `loopback/interleaved`.
+static INTERLEAVED: Mutex<[Duration; 3]> = Mutex::new([Duration::ZERO; 3]);
+
+/// A naive retry layer, as a reference point: a boxed future, a copy of the
+/// body, the whole request rebuilt by cloning for each attempt.
+#[derive(Clone)]
+struct Naive<S>(S);
+
+impl<S, B> Service<Request<Full<Bytes>>> for Naive<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let clone = self.0.clone();
+        let mut inner = std::mem::replace(&mut self.0, clone);
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let collected = body.collect().await.unwrap().to_bytes();
+            let body = Bytes::copy_from_slice(&collected);
+            let mut attempt = 1;
+            loop {
+                let req = Request::from_parts(parts.clone(), Full::new(body.clone()));
+                let response = inner.call(req).await?;
+                if response.status() != http::StatusCode::SERVICE_UNAVAILABLE || attempt == 10 {
+                    return Ok(response);
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            }
+        })
+    }
 }
 
 /// Reads criterion's point estimate of one iteration (ns): the slope of its
@@ -194,27 +277,23 @@ fn summary() {
             100.0 * bare / layered
         );
     }
-    let (mut bare, mut layered) = (0.0, 0.0);
-    for round in 0..ROUNDS {
-        let (Some(b), Some(l)) = (
-            mean_ns(&format!("loopback/bare/{round}")),
-            mean_ns(&format!("loopback/layered/{round}")),
-        ) else {
-            return;
-        };
+    if let (Some(b), Some(l)) = (mean_ns("loopback/bare"), mean_ns("loopback/layered")) {
         println!(
-            "  loopback round {round}: bare {:.0} req/s, layered {:.0} req/s, ratio {:.1}%",
+            "  loopback, {CALLERS} callers, 2 KiB JSON, criterion one after the other: bare {:.0} req/s, layered {:.0} req/s, ratio {:.1}%",
             CALLERS as f64 * 1e9 / b,
             CALLERS as f64 * 1e9 / l,
             100.0 * b / l
         );
-        bare += b;
-        layered += l;
     }
-    println!(
-        "  loopback, {CALLERS} callers, 2 KiB JSON, all rounds: throughput ratio {:.1}%",
-        100.0 * bare / layered
-    );
+    let [bare, layered, naive] = *INTERLEAVED.lock().unwrap();
+    if !layered.is_zero() {
+        let ratio = |d: Duration| 100.0 * bare.as_secs_f64() / d.as_secs_f64();
+        println!(
+            "  loopback, {CALLERS} callers, 2 KiB JSON, interleaved burst by burst: layered {:.1}%, naive retry layer {:.1}% of the bare client's throughput",
+            ratio(layered),
+            ratio(naive)
+        );
+    }
 }
 
 fn main() {

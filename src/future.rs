@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +32,8 @@ pin_project! {
         #[pin]
         state: State<S::Future, ReqBody, ResBody>,
         service: S,
-        config: Arc<Config>,
+        // A copy, not an `Arc`: no shared counter is touched per call.
+        config: Config,
         // The request head for the next attempt; `None` once no attempt can
         // follow (an unbuffered body, or the last attempt was sent).
         head: Option<request::Parts>,
@@ -48,6 +48,43 @@ pin_project! {
         // runs out before the next attempt is sent.
         // Boxed: only a cold start needs it.
         last: Option<Box<Loading>>,
+    }
+}
+
+/// A 503 whose body is being read.
+struct Peek<B> {
+    head: response::Parts,
+    body: Pin<Box<B>>,
+    read: Vec<Bytes>,
+    len: usize,
+}
+
+impl<B: Body<Data = Bytes>> Peek<B> {
+    /// Reads until the body ends (`Some`: how it ended) or passes
+    /// [`PEEK_LIMIT`] (`None`).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<End<B::Error>>> {
+        loop {
+            let frame = match ready!(self.body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Poll::Ready(Some(End::Error(error))),
+                None => return Poll::Ready(Some(End::Eof)),
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    self.len = self.len.saturating_add(data.len());
+                    self.read.push(data);
+                    if self.len > PEEK_LIMIT {
+                        return Poll::Ready(None);
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body; no other frame kind exists.
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return Poll::Ready(Some(End::Trailers(trailers)));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -74,17 +111,15 @@ pin_project! {
             #[pin]
             future: F,
         },
-        // Reading the start of a 503 body to classify it.
+        // Reading the start of a 503 body to classify it. Boxed, like the
+        // sleep: the warm path never gets here, and every state change moves
+        // the whole enum.
         Peeking {
-            head: Option<response::Parts>,
-            body: Option<Pin<Box<ResBody>>>,
-            read: Vec<Bytes>,
-            len: usize,
+            peek: Option<Box<Peek<ResBody>>>,
         },
         // Sleeping before the next attempt.
         Sleeping {
-            #[pin]
-            sleep: Sleep,
+            sleep: Pin<Box<Sleep>>,
             started: Instant,
         },
         // Waiting for the inner service to be ready for the next attempt.
@@ -104,7 +139,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
 {
-    pub(crate) fn new(mut service: S, config: Arc<Config>, req: Request<ReqBody>) -> Self {
+    pub(crate) fn new(mut service: S, config: Config, req: Request<ReqBody>) -> Self {
         let (head, body) = req.into_parts();
         let mut head = Some(head);
         let mut attempts = 0;
@@ -155,7 +190,12 @@ fn next_request<B>(
     let mut parts = if last_possible {
         head.take()
     } else {
-        head.clone()
+        // Send the caller's own head and keep the copy: the copy is then
+        // made, kept and freed by this future, on one thread, and the
+        // original takes the same path through the inner service as it
+        // would without the layer.
+        let copy = head.clone();
+        std::mem::replace(head, copy)
     }
     .expect("a request is only built while the head is kept");
     if attempts > 0 && config.wait_for_model && !parts.headers.contains_key(&X_WAIT_FOR_MODEL) {
@@ -217,53 +257,29 @@ where
                     }
                     let (head, body) = response.into_parts();
                     this.state.set(State::Peeking {
-                        head: Some(head),
-                        body: Some(Box::pin(body)),
-                        read: Vec::new(),
-                        len: 0,
+                        peek: Some(Box::new(Peek {
+                            head,
+                            body: Box::pin(body),
+                            read: Vec::new(),
+                            len: 0,
+                        })),
                     });
                 }
-                StateProj::Peeking {
-                    head,
-                    body,
-                    read,
-                    len,
-                } => {
-                    let stream = body
-                        .as_mut()
-                        .expect("body is kept until the end of peeking");
-                    let end = match ready!(stream.as_mut().poll_frame(cx)) {
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(data) => {
-                                *len = len.saturating_add(data.len());
-                                read.push(data);
-                                if *len > PEEK_LIMIT {
-                                    // Too large for a loading body: hand it on.
-                                    let response = Response::from_parts(
-                                        head.take().expect("head is kept"),
-                                        ResponseBody::peeked(
-                                            std::mem::take(read),
-                                            None,
-                                            body.take(),
-                                        ),
-                                    );
-                                    let report = ColdStartReport::new(*this.attempts, *this.waited);
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Ok(finish(response, report)));
-                                }
-                                continue;
-                            }
-                            Err(frame) => match frame.into_trailers() {
-                                Ok(trailers) => End::Trailers(trailers),
-                                // No other frame kind exists; ignore it.
-                                Err(_) => continue,
-                            },
-                        },
-                        Some(Err(error)) => End::Error(error),
-                        None => End::Eof,
+                StateProj::Peeking { peek } => {
+                    let end = ready!(peek.as_mut().expect("kept until read").poll_read(cx));
+                    let Peek {
+                        head, body, read, ..
+                    } = *peek.take().expect("kept until read");
+                    let Some(end) = end else {
+                        // Too large for a loading body: hand it on.
+                        let response = Response::from_parts(
+                            head,
+                            ResponseBody::peeked(read, None, Some(body)),
+                        );
+                        let report = ColdStartReport::new(*this.attempts, *this.waited);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(finish(response, report)));
                     };
-                    let head = head.take().expect("head is kept");
-                    let read = std::mem::take(read);
                     let cold = match &end {
                         End::Error(_) => None,
                         End::Trailers(_) | End::Eof => {
@@ -296,7 +312,7 @@ where
                         Some(wait) => {
                             let started = Instant::now();
                             this.state.set(State::Sleeping {
-                                sleep: sleep(wait),
+                                sleep: Box::pin(sleep(wait)),
                                 started,
                             });
                         }
@@ -311,7 +327,7 @@ where
                     }
                 }
                 StateProj::Sleeping { sleep, started } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     *this.waited += started.elapsed();
                     this.state.set(State::Readying { delayed: false });
                 }

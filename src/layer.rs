@@ -11,7 +11,10 @@ use crate::{ColdStartRetry, RetryEvent};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
-/// Everything a [`ColdStartRetry`] needs to know, shared by all its clones.
+/// Everything a [`ColdStartRetry`] needs to know.
+///
+/// Small and copied into each call (only the hook is shared), so that the
+/// warm path touches no reference count shared between threads.
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) max_total_wait: Duration,
@@ -80,7 +83,7 @@ impl fmt::Debug for Config {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct ColdStartRetryLayer {
-    config: Arc<Config>,
+    config: Config,
 }
 
 impl ColdStartRetryLayer {
@@ -89,17 +92,13 @@ impl ColdStartRetryLayer {
         Self::default()
     }
 
-    fn config_mut(&mut self) -> &mut Config {
-        Arc::make_mut(&mut self.config)
-    }
-
     /// The most time spent on one cold start, counted from the first loading
     /// response. No attempt starts later, and no sleep runs past it; when it
     /// runs out the caller gets the last loading response.
     ///
     /// Default: 120 s.
     pub fn max_total_wait(mut self, max_total_wait: Duration) -> Self {
-        self.config_mut().max_total_wait = max_total_wait;
+        self.config.max_total_wait = max_total_wait;
         self
     }
 
@@ -107,7 +106,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 60 s.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.config_mut().max_wait = max_wait;
+        self.config.max_wait = max_wait;
         self
     }
 
@@ -116,7 +115,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 20 s, the figure HuggingFace's own clients assume.
     pub fn default_wait(mut self, default_wait: Duration) -> Self {
-        self.config_mut().default_wait = default_wait;
+        self.config.default_wait = default_wait;
         self
     }
 
@@ -125,7 +124,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 10.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.config_mut().max_attempts = max_attempts.max(1);
+        self.config.max_attempts = max_attempts.max(1);
         self
     }
 
@@ -134,7 +133,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 8 MiB.
     pub fn body_limit(mut self, body_limit: usize) -> Self {
-        self.config_mut().body_limit = body_limit;
+        self.config.body_limit = body_limit;
         self
     }
 
@@ -145,7 +144,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: `true`.
     pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
-        self.config_mut().wait_for_model = wait_for_model;
+        self.config.wait_for_model = wait_for_model;
         self
     }
 
@@ -158,7 +157,7 @@ impl ColdStartRetryLayer {
     where
         F: Fn(&RetryEvent<'_>) + Send + Sync + 'static,
     {
-        self.config_mut().on_retry = Some(Arc::new(on_retry));
+        self.config.on_retry = Some(Arc::new(on_retry));
         self
     }
 }
@@ -167,6 +166,6 @@ impl<S> Layer<S> for ColdStartRetryLayer {
     type Service = ColdStartRetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ColdStartRetry::with_config(inner, Arc::clone(&self.config))
+        ColdStartRetry::with_config(inner, self.config.clone())
     }
 }

@@ -1,6 +1,5 @@
 //! The service.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,20 +14,20 @@ use crate::{BoxError, ColdStartRetryLayer, RequestBody, ResponseBody};
 /// A service that waits out model cold starts and retries.
 ///
 /// Built by [`ColdStartRetryLayer`]; see the [crate docs](crate) for the
-/// behaviour. Clones share one configuration.
+/// behaviour.
 #[derive(Clone, Debug)]
 pub struct ColdStartRetry<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Config,
 }
 
 impl<S> ColdStartRetry<S> {
     /// Wraps `inner` with the HuggingFace defaults.
     pub fn new(inner: S) -> Self {
-        Self::with_config(inner, Arc::default())
+        Self::with_config(inner, Config::default())
     }
 
-    pub(crate) fn with_config(inner: S, config: Arc<Config>) -> Self {
+    pub(crate) fn with_config(inner: S, config: Config) -> Self {
         ColdStartRetry { inner, config }
     }
 
@@ -76,6 +75,6 @@ where
         // inner services" in the `tower_service::Service` docs.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(inner, Arc::clone(&self.config), req)
+        ResponseFuture::new(inner, self.config.clone(), req)
     }
 }
