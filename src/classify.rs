@@ -291,4 +291,88 @@ mod tests {
         assert_eq!(advised_wait(None, b), Duration::MAX);
         assert_eq!(advised_wait(Some(30.0), b), Duration::from_secs(30));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("Model x is currently loading")),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("error".to_owned()),
+                            Just("estimated_time".to_owned()),
+                            ".{0,8}"
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512), status in 100u16..600) {
+                let status = StatusCode::from_u16(status).unwrap();
+                let got = classify(status, &body);
+                if status != StatusCode::SERVICE_UNAVAILABLE {
+                    prop_assert!(got.is_none());
+                }
+            }
+
+            #[test]
+            fn arbitrary_json_is_a_cold_start_only_with_the_marker(value in json_value()) {
+                let body = serde_json::to_vec(&value).unwrap();
+                let got = parse_loading_body(&body);
+                let expected = value
+                    .as_object()
+                    .and_then(|o| o.get("error"))
+                    .and_then(|e| e.as_str())
+                    .is_some_and(|e| e.contains(LOADING_MARKER));
+                prop_assert_eq!(got.is_some(), expected, "{}", String::from_utf8_lossy(&body));
+            }
+
+            #[test]
+            fn any_estimate_text_is_handled(text in "[-+0-9eE.a-zA-Z\"]{0,30}") {
+                let body = format!(r#"{{"error":"Model m is currently loading","estimated_time":{text}}}"#);
+                // Whatever the server wrote, the outcome is a value, never a panic.
+                let _ = parse_loading_body(body.as_bytes());
+            }
+
+            #[test]
+            fn advised_wait_stays_within_its_bounds(
+                estimate in prop_oneof![any::<f64>().prop_map(Some), Just(None)],
+                default_ms in any::<u64>(),
+                max_ms in any::<u64>(),
+            ) {
+                let bounds = WaitBounds {
+                    default_wait: Duration::from_millis(default_ms),
+                    max_wait: Duration::from_millis(max_ms),
+                };
+                let wait = advised_wait(estimate, bounds);
+                prop_assert!(wait <= bounds.max_wait);
+                prop_assert!(wait >= MIN_WAIT.min(bounds.max_wait));
+                if let Some(secs) = estimate.filter(|s| s.is_finite() && *s >= 1.0) {
+                    if secs >= bounds.max_wait.as_secs_f64() {
+                        prop_assert_eq!(wait, bounds.max_wait);
+                    } else {
+                        let error = (wait.as_secs_f64() - secs).abs();
+                        prop_assert!(error <= 1e-6 + secs * 1e-12, "{wait:?} vs {secs}");
+                    }
+                }
+            }
+        }
+    }
 }
