@@ -15,6 +15,7 @@ use tower_service::Service;
 
 use crate::body::End;
 use crate::classify::{self, ColdStart, PEEK_LIMIT};
+use crate::head::Head;
 use crate::layer::Config;
 use crate::replay::{self, Buffered, Buffering, Plan, Reader};
 use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent};
@@ -34,9 +35,11 @@ pin_project! {
         service: S,
         // A copy, not an `Arc`: no shared counter is touched per call.
         config: Config,
-        // The request head for the next attempt; `None` once no attempt can
-        // follow (an unbuffered body, or the last attempt was sent).
-        head: Option<request::Parts>,
+        // The caller's request head, until the first attempt takes it.
+        parts: Option<request::Parts>,
+        // A copy of it for retries; `None` when no retry can follow (an
+        // unbuffered body, or the last possible attempt was sent).
+        head: Option<Head>,
         body: Buffered,
         // Requests sent so far.
         attempts: u32,
@@ -140,16 +143,16 @@ where
     ResBody: Body<Data = Bytes>,
 {
     pub(crate) fn new(mut service: S, config: Config, req: Request<ReqBody>) -> Self {
-        let (head, body) = req.into_parts();
-        let mut head = Some(head);
+        let (parts, body) = req.into_parts();
+        let mut parts = Some(parts);
+        let mut head = None;
         let mut attempts = 0;
         let state = match replay::plan(body, config.body_limit) {
             Plan::Read(source) => State::Buffering {
                 reader: Reader::new(source, config.body_limit),
             },
             Plan::Empty => {
-                let body = Buffered::default();
-                let req = next_request(&mut head, &body, &config, attempts);
+                let req = first_request(&mut parts, &mut head, &Buffered::default(), &config);
                 attempts += 1;
                 State::Calling {
                     future: service.call(req),
@@ -157,10 +160,10 @@ where
             }
             Plan::Stream(body) => {
                 // Too large to buffer: one attempt, no retry.
-                let head = head.take().expect("head is set above");
+                let parts = parts.take().expect("set above");
                 attempts += 1;
                 State::Calling {
-                    future: service.call(Request::from_parts(head, body)),
+                    future: service.call(Request::from_parts(parts, body)),
                 }
             }
         };
@@ -168,6 +171,7 @@ where
             state,
             service,
             config,
+            parts,
             head,
             body: Buffered::default(),
             attempts,
@@ -178,32 +182,40 @@ where
     }
 }
 
-/// Builds the request for attempt `attempts + 1`, cloning the saved head
-/// unless no attempt can follow this one.
-fn next_request<B>(
-    head: &mut Option<request::Parts>,
+/// Builds the first attempt from the caller's own head, keeping a compact
+/// copy of it if a retry may follow.
+fn first_request<B>(
+    parts: &mut Option<request::Parts>,
+    head: &mut Option<Head>,
+    body: &Buffered,
+    config: &Config,
+) -> Request<RequestBody<B>> {
+    let parts = parts.take().expect("the first attempt is built once");
+    if config.max_attempts > 1 {
+        *head = Some(Head::copy(&parts));
+    }
+    Request::from_parts(parts, RequestBody::replay(body))
+}
+
+/// Builds attempt `attempts + 1` (a retry) from the kept copy, which is
+/// dropped when no attempt can follow this one. `None` if the copy no longer
+/// makes a valid head (see [`Head::rebuild`]).
+fn retry_request<B>(
+    head: &mut Option<Head>,
     body: &Buffered,
     config: &Config,
     attempts: u32,
-) -> Request<RequestBody<B>> {
-    let last_possible = attempts + 1 >= config.max_attempts;
-    let mut parts = if last_possible {
-        head.take()
-    } else {
-        // Send the caller's own head and keep the copy: the copy is then
-        // made, kept and freed by this future, on one thread, and the
-        // original takes the same path through the inner service as it
-        // would without the layer.
-        let copy = head.clone();
-        std::mem::replace(head, copy)
+) -> Option<Request<RequestBody<B>>> {
+    let mut parts = head.as_ref()?.rebuild()?;
+    if attempts + 1 >= config.max_attempts {
+        *head = None;
     }
-    .expect("a request is only built while the head is kept");
-    if attempts > 0 && config.wait_for_model && !parts.headers.contains_key(&X_WAIT_FOR_MODEL) {
+    if config.wait_for_model && !parts.headers.contains_key(&X_WAIT_FOR_MODEL) {
         parts
             .headers
             .insert(X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true"));
     }
-    Request::from_parts(parts, RequestBody::replay(body))
+    Some(Request::from_parts(parts, RequestBody::replay(body)))
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
@@ -228,11 +240,11 @@ where
                         }
                         Ok(Buffering::Done(buffered)) => {
                             *this.body = buffered;
-                            next_request(this.head, this.body, this.config, *this.attempts)
+                            first_request(this.parts, this.head, this.body, this.config)
                         }
                         Ok(Buffering::Overflow(body)) => {
-                            let head = this.head.take().expect("head is kept until sent");
-                            Request::from_parts(head, body)
+                            let parts = this.parts.take().expect("kept until sent");
+                            Request::from_parts(parts, body)
                         }
                     };
                     *this.attempts += 1;
@@ -306,7 +318,7 @@ where
                         this.config,
                         this.cold_since,
                         *this.attempts,
-                        this.head.as_ref().map(|h| &h.uri),
+                        this.head.as_ref(),
                         &cold,
                     ) {
                         Some(wait) => {
@@ -349,8 +361,13 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
                     }
+                    let Some(req) =
+                        retry_request(this.head, this.body, this.config, *this.attempts)
+                    else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
+                    };
                     *this.last = None;
-                    let req = next_request(this.head, this.body, this.config, *this.attempts);
                     *this.attempts += 1;
                     let future = this.service.call(req);
                     this.state.set(State::Calling { future });
@@ -384,10 +401,11 @@ fn plan_wait(
     config: &Config,
     cold_since: &mut Option<Instant>,
     attempts: u32,
-    uri: Option<&http::Uri>,
+    head: Option<&Head>,
     cold: &ColdStart,
 ) -> Option<Duration> {
-    let uri = uri?;
+    let uri = head?.uri();
+    let uri = &uri;
     let now = Instant::now();
     let since = *cold_since.get_or_insert(now);
     if attempts >= config.max_attempts {

@@ -131,6 +131,7 @@
 mod body;
 mod classify;
 pub mod future;
+mod head;
 mod layer;
 mod replay;
 mod report;

@@ -1,0 +1,214 @@
+//! A compact copy of a request head, kept for retries.
+//!
+//! Cloning `http::request::Parts` costs several allocations: the header map's
+//! two tables, and one per `Bytes` it holds (URI, each header value), because
+//! a `Bytes` made from a `Vec` must be promoted to a shared buffer on its first
+//! clone. The warm path pays that on every request although it almost never
+//! retries. This copy instead writes the URI and every header name and value
+//! into one buffer (one allocation), and rebuilds a `Parts` only when a retry
+//! is actually sent.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{request, Extensions, HeaderMap, Method, Request, Uri, Version};
+
+/// What a retry needs of the original request head.
+pub(crate) struct Head {
+    method: Method,
+    version: Version,
+    extensions: Extensions,
+    encoded: Bytes,
+}
+
+/// Marks an absent URI component.
+const NONE: u32 = u32::MAX;
+
+impl Head {
+    /// Copies `parts`: one allocation, whatever the head holds (plus the
+    /// extensions' own clone, free when there are none).
+    pub(crate) fn copy(parts: &request::Parts) -> Self {
+        let uri = &parts.uri;
+        let mut len = 3 * 4;
+        len += uri.scheme_str().map_or(0, str::len);
+        len += uri.authority().map_or(0, |a| a.as_str().len());
+        len += uri.path_and_query().map_or(0, |p| p.as_str().len());
+        for (name, value) in &parts.headers {
+            len += 4 + name.as_str().len() + 4 + value.len() + 1;
+        }
+        let mut buf = BytesMut::with_capacity(len);
+        put_opt(&mut buf, uri.scheme_str());
+        put_opt(&mut buf, uri.authority().map(|a| a.as_str()));
+        put_opt(&mut buf, uri.path_and_query().map(|p| p.as_str()));
+        for (name, value) in &parts.headers {
+            put(&mut buf, name.as_str().as_bytes());
+            put(&mut buf, value.as_bytes());
+            buf.put_u8(u8::from(value.is_sensitive()));
+        }
+        Head {
+            method: parts.method.clone(),
+            version: parts.version,
+            extensions: parts.extensions.clone(),
+            encoded: buf.freeze(),
+        }
+    }
+
+    /// Rebuilds the request head. `None` only if a part no longer parses,
+    /// which a head built through `http`'s safe constructors cannot cause.
+    pub(crate) fn rebuild(&self) -> Option<request::Parts> {
+        let mut rest = self.encoded.clone();
+        let uri = decode_uri(&mut rest)?;
+        let mut headers = HeaderMap::new();
+        while !rest.is_empty() {
+            let name = HeaderName::from_bytes(&take(&mut rest)?).ok()?;
+            let mut value = HeaderValue::from_maybe_shared(take(&mut rest)?).ok()?;
+            let sensitive = *rest.first()?;
+            rest = rest.slice(1..);
+            value.set_sensitive(sensitive == 1);
+            headers.append(name, value);
+        }
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = uri;
+        parts.version = self.version;
+        parts.headers = headers;
+        parts.extensions = self.extensions.clone();
+        Some(parts)
+    }
+
+    /// The request's URI, rebuilt (for reports on the cold path).
+    pub(crate) fn uri(&self) -> Uri {
+        decode_uri(&mut self.encoded.clone()).unwrap_or_default()
+    }
+}
+
+fn decode_uri(rest: &mut Bytes) -> Option<Uri> {
+    let scheme = take_opt(rest)?;
+    let authority = take_opt(rest)?;
+    let path = take_opt(rest)?;
+    let mut uri = Uri::builder();
+    if let Some(scheme) = scheme {
+        uri = uri.scheme(Scheme::try_from(&scheme[..]).ok()?);
+    }
+    if let Some(authority) = authority {
+        uri = uri.authority(Authority::from_maybe_shared(authority).ok()?);
+    }
+    if let Some(path) = path {
+        uri = uri.path_and_query(PathAndQuery::from_maybe_shared(path).ok()?);
+    }
+    uri.build().ok()
+}
+
+fn put(buf: &mut BytesMut, bytes: &[u8]) {
+    buf.put_u32(bytes.len() as u32);
+    buf.put_slice(bytes);
+}
+
+fn put_opt(buf: &mut BytesMut, part: Option<&str>) {
+    match part {
+        Some(part) => put(buf, part.as_bytes()),
+        None => buf.put_u32(NONE),
+    }
+}
+
+fn take_len(rest: &mut Bytes) -> Option<u32> {
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    *rest = rest.slice(4..);
+    Some(len)
+}
+
+fn take(rest: &mut Bytes) -> Option<Bytes> {
+    let len = take_len(rest)? as usize;
+    if rest.len() < len {
+        return None;
+    }
+    Some(rest.split_to(len))
+}
+
+fn take_opt(rest: &mut Bytes) -> Option<Option<Bytes>> {
+    let len = take_len(rest)?;
+    if len == NONE {
+        return Some(None);
+    }
+    let len = len as usize;
+    if rest.len() < len {
+        return None;
+    }
+    Some(Some(rest.split_to(len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Tag(u32);
+
+    fn round_trip(parts: &request::Parts) -> request::Parts {
+        Head::copy(parts).rebuild().expect("a valid head rebuilds")
+    }
+
+    fn assert_same(a: &request::Parts, b: &request::Parts) {
+        assert_eq!(a.method, b.method);
+        assert_eq!(a.uri, b.uri);
+        assert_eq!(a.uri.to_string(), b.uri.to_string());
+        assert_eq!(a.version, b.version);
+        assert_eq!(a.headers, b.headers);
+        let order = |p: &request::Parts| {
+            p.headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(a), order(b));
+    }
+
+    #[test]
+    fn a_full_head_rebuilds_identically() {
+        let mut auth = HeaderValue::from_static("Bearer hf_secret");
+        auth.set_sensitive(true);
+        let (mut parts, ()) =
+            Request::put("https://user@api.example.com:8443/models/a%20b?x=1&y=%2F")
+                .version(Version::HTTP_2)
+                .header("authorization", auth)
+                .header("x-multi", "one")
+                .header("content-type", "application/json")
+                .header("x-multi", "two")
+                .header("x-Custom-Name", "\tobs-text \u{e9}")
+                .header("x-empty", "")
+                .body(())
+                .unwrap()
+                .into_parts();
+        parts.extensions.insert(Tag(7));
+        let copy = round_trip(&parts);
+        assert_same(&parts, &copy);
+        assert!(copy.headers["authorization"].is_sensitive());
+        assert_eq!(copy.extensions.get::<Tag>(), Some(&Tag(7)));
+    }
+
+    #[test]
+    fn origin_form_authority_form_and_extension_methods_rebuild() {
+        for (method, uri) in [
+            ("GET", "/models/gpt2"),
+            ("CONNECT", "example.com:443"),
+            ("PURGE", "http://h/"),
+            ("OPTIONS", "*"),
+            ("POST", "http://h"),
+        ] {
+            let (parts, ()) = Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap()
+                .into_parts();
+            assert_same(&parts, &round_trip(&parts));
+        }
+    }
+
+    #[test]
+    fn an_empty_head_rebuilds() {
+        let (parts, ()) = Request::new(()).into_parts();
+        assert_same(&parts, &round_trip(&parts));
+        assert_eq!(Head::copy(&parts).uri(), parts.uri);
+    }
+}
