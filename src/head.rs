@@ -8,7 +8,7 @@
 //! into one buffer (one allocation), and rebuilds a `Parts` only when a retry
 //! is actually sent.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{request, Extensions, HeaderMap, Method, Request, Uri, Version};
@@ -29,27 +29,28 @@ impl Head {
     /// extensions' own clone, free when there are none).
     pub(crate) fn copy(parts: &request::Parts) -> Self {
         let uri = &parts.uri;
-        let mut len = 3 * 4;
-        len += uri.scheme_str().map_or(0, str::len);
-        len += uri.authority().map_or(0, |a| a.as_str().len());
-        len += uri.path_and_query().map_or(0, |p| p.as_str().len());
+        let scheme = uri.scheme_str();
+        let authority = uri.authority().map(|a| a.as_str());
+        let path = uri.path_and_query().map(|p| p.as_str());
+        let mut len = 12 + scheme.map_or(0, str::len) + authority.map_or(0, str::len);
+        len += path.map_or(0, str::len);
         for (name, value) in &parts.headers {
-            len += 4 + name.as_str().len() + 4 + value.len() + 1;
+            len += 9 + name.as_str().len() + value.len();
         }
-        let mut buf = BytesMut::with_capacity(len);
-        put_opt(&mut buf, uri.scheme_str());
-        put_opt(&mut buf, uri.authority().map(|a| a.as_str()));
-        put_opt(&mut buf, uri.path_and_query().map(|p| p.as_str()));
+        let mut buf = Vec::with_capacity(len);
+        put_opt(&mut buf, scheme);
+        put_opt(&mut buf, authority);
+        put_opt(&mut buf, path);
         for (name, value) in &parts.headers {
             put(&mut buf, name.as_str().as_bytes());
             put(&mut buf, value.as_bytes());
-            buf.put_u8(u8::from(value.is_sensitive()));
+            buf.push(u8::from(value.is_sensitive()));
         }
         Head {
             method: parts.method.clone(),
             version: parts.version,
             extensions: parts.extensions.clone(),
-            encoded: buf.freeze(),
+            encoded: Bytes::from(buf),
         }
     }
 
@@ -99,20 +100,22 @@ fn decode_uri(rest: &mut Bytes) -> Option<Uri> {
     uri.build().ok()
 }
 
-fn put(buf: &mut BytesMut, bytes: &[u8]) {
-    buf.put_u32(bytes.len() as u32);
-    buf.put_slice(bytes);
+#[inline]
+fn put(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    buf.extend_from_slice(bytes);
 }
 
-fn put_opt(buf: &mut BytesMut, part: Option<&str>) {
+#[inline]
+fn put_opt(buf: &mut Vec<u8>, part: Option<&str>) {
     match part {
         Some(part) => put(buf, part.as_bytes()),
-        None => buf.put_u32(NONE),
+        None => buf.extend_from_slice(&NONE.to_le_bytes()),
     }
 }
 
 fn take_len(rest: &mut Bytes) -> Option<u32> {
-    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
     *rest = rest.slice(4..);
     Some(len)
 }
