@@ -17,6 +17,12 @@ use serde_json::value::RawValue;
 /// leaves ample room while bounding what a hostile server can make us buffer.
 pub(crate) const PEEK_LIMIT: usize = 4 * 1024;
 
+/// The longest time spent reading a 503 body to classify it.
+///
+/// HuggingFace sends the loading body with the headers; a body still
+/// incomplete after this long is handed to the caller as it is.
+pub(crate) const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The phrase HuggingFace puts in `error` while a model loads.
 const LOADING_MARKER: &str = "is currently loading";
 

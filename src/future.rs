@@ -14,7 +14,7 @@ use tokio::time::{sleep, Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::End;
-use crate::classify::{self, ColdStart, PEEK_LIMIT};
+use crate::classify::{self, ColdStart, PEEK_LIMIT, PEEK_TIMEOUT};
 use crate::head::Head;
 use crate::layer::Config;
 use crate::replay::{self, Buffered, Buffering, Plan, Reader};
@@ -60,14 +60,34 @@ struct Peek<B> {
     body: Pin<Box<B>>,
     read: Vec<Bytes>,
     len: usize,
+    // A loading body comes with the headers; one that trickles is not one,
+    // and must not hold the caller.
+    deadline: Pin<Box<Sleep>>,
 }
 
 impl<B: Body<Data = Bytes>> Peek<B> {
-    /// Reads until the body ends (`Some`: how it ended) or passes
-    /// [`PEEK_LIMIT`] (`None`).
+    fn new(head: response::Parts, body: B) -> Self {
+        Peek {
+            head,
+            body: Box::pin(body),
+            read: Vec::new(),
+            len: 0,
+            deadline: Box::pin(sleep(PEEK_TIMEOUT)),
+        }
+    }
+
+    /// Reads until the body ends (`Some`: how it ended), or passes
+    /// [`PEEK_LIMIT`] or [`PEEK_TIMEOUT`] (`None`: not a loading body).
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<End<B::Error>>> {
         loop {
-            let frame = match ready!(self.body.as_mut().poll_frame(cx)) {
+            let frame = match self.body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    ready!(self.deadline.as_mut().poll(cx));
+                    return Poll::Ready(None);
+                }
+            };
+            let frame = match frame {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => return Poll::Ready(Some(End::Error(error))),
                 None => return Poll::Ready(Some(End::Eof)),
@@ -269,12 +289,7 @@ where
                     }
                     let (head, body) = response.into_parts();
                     this.state.set(State::Peeking {
-                        peek: Some(Box::new(Peek {
-                            head,
-                            body: Box::pin(body),
-                            read: Vec::new(),
-                            len: 0,
-                        })),
+                        peek: Some(Box::new(Peek::new(head, body))),
                     });
                 }
                 StateProj::Peeking { peek } => {
@@ -283,7 +298,8 @@ where
                         head, body, read, ..
                     } = *peek.take().expect("kept until read");
                     let Some(end) = end else {
-                        // Too large for a loading body: hand it on.
+                        // Too large or too slow for a loading body: hand it
+                        // on, the bytes read first.
                         let response = Response::from_parts(
                             head,
                             ResponseBody::peeked(read, None, Some(body)),

@@ -74,8 +74,9 @@
 //!   and nothing is sent.
 //! - **Classification.** A response is a cold start when its status is `503`
 //!   and its body is a JSON object whose `error` string contains
-//!   `is currently loading`. Only `503` bodies are read, up to 4 KiB; a
-//!   larger, unreadable or non-JSON body is not a cold start. A response that
+//!   `is currently loading`. Only `503` bodies are read, up to 4 KiB and for
+//!   at most 5 s; a larger, slower, unreadable or non-JSON body is not a cold
+//!   start. A response that
 //!   is not retried reaches the caller with its status, headers and every
 //!   body byte (and trailers, or body error) exactly as the server sent them.
 //!   `429`, other `503`s and error pages pass through after one request.

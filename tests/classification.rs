@@ -309,3 +309,65 @@ async fn a_503_that_grows_past_the_cap_mid_read_is_handed_on_whole() {
     expected.extend_from_slice(b"\"}");
     assert_eq!(&body[..], &expected[..]);
 }
+
+/// A raw server that sends a 503 with a loading body one byte a second.
+async fn trickling_server(body: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = socket.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                socket.write_all(head.as_bytes()).await.unwrap();
+                for byte in body {
+                    socket.write_all(&[*byte]).await.unwrap();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_body_that_trickles_is_handed_on_after_five_seconds_with_every_byte() {
+    let body = br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#;
+    let addr = trickling_server(body).await;
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(http1());
+    let start = tokio::time::Instant::now();
+    let response = client
+        .oneshot(
+            Request::post(format!("http://{addr}/models/gpt2"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Not classified in time: handed on, not retried.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<ColdStartReport>()
+            .unwrap()
+            .attempts(),
+        1
+    );
+    // The caller still reads the whole body, byte for byte.
+    let got = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&got[..], &body[..]);
+}
