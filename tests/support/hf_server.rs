@@ -39,6 +39,10 @@ pub enum Model {
     },
     /// Answers the loading 503 forever.
     NeverLoads { estimate: Option<String> },
+    /// Answers the loading 503 to one request in `every` (the first, then
+    /// every `every`-th), 200 to the others: a model that keeps being
+    /// unloaded, for load tests.
+    Flaky { every: usize, estimate: String },
     /// Always answers this.
     Fixed {
         status: StatusCode,
@@ -98,6 +102,10 @@ pub struct Received {
 struct State {
     models: HashMap<String, Model>,
     first_seen: HashMap<String, Instant>,
+    seen: HashMap<String, usize>,
+    // Off for load tests, so that the server's memory stays flat.
+    not_recording: bool,
+    count: usize,
     received: Vec<Received>,
 }
 
@@ -166,7 +174,12 @@ impl HfServer {
 
     /// How many requests were received so far.
     pub fn count(&self) -> usize {
-        self.state.lock().unwrap().received.len()
+        self.state.lock().unwrap().count
+    }
+
+    /// Stops keeping each request (counting goes on), for load tests.
+    pub fn stop_recording(&self) {
+        self.state.lock().unwrap().not_recording = true;
     }
 
     /// Replaces the behaviour of `path`.
@@ -191,19 +204,25 @@ impl HfServer {
             .headers
             .get("x-wait-for-model")
             .is_some_and(|v| v == "true" || v == "1");
-        let (model, first_seen) = {
+        let (model, first_seen, nth) = {
             let mut state = self.state.lock().unwrap();
-            state.received.push(Received {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                version: parts.version,
-                headers: parts.headers.clone(),
-                body: body.clone(),
-                trailers,
-                at: now,
-            });
+            state.count += 1;
+            if !state.not_recording {
+                state.received.push(Received {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    version: parts.version,
+                    headers: parts.headers.clone(),
+                    body: body.clone(),
+                    trailers,
+                    at: now,
+                });
+            }
             let first_seen = *state.first_seen.entry(path.clone()).or_insert(now);
-            (state.models.get(&path).cloned(), first_seen)
+            let seen = state.seen.entry(path.clone()).or_insert(0);
+            *seen += 1;
+            let nth = *seen;
+            (state.models.get(&path).cloned(), first_seen, nth)
         };
         let model_id = path.trim_start_matches("/models/");
         match model {
@@ -222,6 +241,13 @@ impl HfServer {
                 response
             }
             Some(Model::NeverLoads { estimate }) => loading(model_id, estimate.as_deref()),
+            Some(Model::Flaky { every, estimate }) => {
+                if (nth - 1) % every.max(1) == 0 {
+                    loading(model_id, Some(&estimate))
+                } else {
+                    ok(body)
+                }
+            }
             Some(Model::Cold {
                 ready_after,
                 estimate,
