@@ -134,7 +134,7 @@ async fn an_oversized_loading_503_is_not_a_cold_start_and_arrives_whole() {
     // The marker is at the start, but the body is far over the 4 KiB cap.
     let mut body =
         br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0,"pad":""#.to_vec();
-    body.extend(std::iter::repeat_n(b'x', 200_000));
+    body.extend(vec![b'x'; 200_000]);
     body.extend(br#""}"#);
     let body: &'static [u8] = Box::leak(body.into_boxed_slice());
     let (server, response) = one_call(Model::fixed(503, "application/json", body)).await;

@@ -27,7 +27,7 @@ const RATE_LIMITED: &[u8] =
 fn oversized_loading() -> Bytes {
     let mut body =
         br#"{"error":"Model big is currently loading","estimated_time":1.0,"pad":""#.to_vec();
-    body.extend(std::iter::repeat_n(b'p', 6000));
+    body.extend(vec![b'p'; 6000]);
     body.extend(br#""}"#);
     body.into()
 }
