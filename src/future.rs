@@ -202,6 +202,29 @@ where
     }
 }
 
+impl<S, ReqBody, ResBody> std::fmt::Debug for ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the request head (it holds credentials) nor the service.
+        let state = match &self.state {
+            State::Buffering { .. } => "reading the request body",
+            State::Calling { .. } => "waiting for a response",
+            State::Peeking { .. } => "reading a 503 body",
+            State::Sleeping { .. } => "sleeping before a retry",
+            State::Readying { .. } => "waiting for the service to be ready",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempts", &self.attempts)
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
 /// Builds the first attempt from the caller's own head, keeping a compact
 /// copy of it if a retry may follow.
 fn first_request<B>(

@@ -1,5 +1,9 @@
 //! Rule 6: one tracing event and one hook call per wait, with the same facts,
 //! and never a header value.
+//!
+//! The tracing test has this binary (nearly) to itself: tracing caches each
+//! call site's interest globally, and a test elsewhere in the same process
+//! that hits the call site with no subscriber can race with it.
 
 mod support;
 

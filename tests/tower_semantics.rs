@@ -178,3 +178,107 @@ fn the_service_and_its_future_are_send_when_their_parts_are() {
     let future = client.clone().oneshot(post("http://127.0.0.1:1/".into()));
     assert_send(&future);
 }
+
+/// A backend that answers "loading" first, then becomes not ready for
+/// `stall` (or fails its readiness check), then answers 200.
+#[derive(Clone)]
+struct Stalling {
+    calls: Arc<AtomicUsize>,
+    stall: Duration,
+    fail_ready: bool,
+    sleep: Option<Arc<tokio::sync::Mutex<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl Service<Request<RequestBody<Full<Bytes>>>> for Stalling {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.calls.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if self.fail_ready {
+            return Poll::Ready(Err(std::io::Error::other("backend gone")));
+        }
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Box::pin(tokio::time::sleep(
+                    self.stall,
+                ))))
+            })
+            .clone();
+        let mut sleep = sleep.try_lock().unwrap();
+        sleep.as_mut().poll(cx).map(Ok)
+    }
+
+    fn call(&mut self, _: Request<RequestBody<Full<Bytes>>>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(if n == 0 {
+                hf_server::loading("gpt2", Some("10.0"))
+            } else {
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            })
+        })
+    }
+}
+
+fn stalling(stall: Duration, fail_ready: bool) -> (Stalling, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = Stalling {
+        calls: calls.clone(),
+        stall,
+        fail_ready,
+        sleep: None,
+    };
+    (service, calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_not_ready_past_the_budget_gets_the_last_503_and_no_retry() {
+    let (backend, calls) = stalling(Duration::from_secs(200), false);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(60)))
+        .service(backend);
+    let start = tokio::time::Instant::now();
+    let response = client.oneshot(post("http://m.test/".into())).await.unwrap();
+    // Slept 10 s, then the service kept us waiting until 210 s: past the
+    // 60 s budget, so the last loading response comes back, unretried.
+    assert_eq!(start.elapsed(), Duration::from_secs(210));
+    assert_eq!(response.status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let report = response
+        .extensions()
+        .get::<tower_cold_start::ColdStartReport>()
+        .unwrap();
+    assert_eq!(report.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_not_ready_within_the_budget_is_waited_for() {
+    let (backend, calls) = stalling(Duration::from_secs(5), false);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(backend);
+    let start = tokio::time::Instant::now();
+    let response = client.oneshot(post("http://m.test/".into())).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(15));
+    assert_eq!(response.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_readiness_error_before_a_retry_reaches_the_caller() {
+    let (backend, calls) = stalling(Duration::ZERO, true);
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new())
+        .service(backend);
+    let error = client
+        .oneshot(post("http://m.test/".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "backend gone");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
