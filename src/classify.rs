@@ -125,6 +125,19 @@ pub(crate) fn advised_wait(estimate: Option<f64>, bounds: WaitBounds) -> Duratio
     hinted.max(MIN_WAIT).min(bounds.max_wait)
 }
 
+/// The sleep before the next attempt: the advised wait, cut to the time
+/// left in the budget. `None` when no time is left.
+pub(crate) fn wait_within(
+    estimate: Option<f64>,
+    bounds: WaitBounds,
+    remaining: Duration,
+) -> Option<Duration> {
+    if remaining.is_zero() {
+        return None;
+    }
+    Some(advised_wait(estimate, bounds).min(remaining))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +368,27 @@ mod tests {
                 let body = format!(r#"{{"error":"Model m is currently loading","estimated_time":{text}}}"#);
                 // Whatever the server wrote, the outcome is a value, never a panic.
                 let _ = parse_loading_body(body.as_bytes());
+            }
+
+            #[test]
+            fn no_sleep_runs_past_the_budget(
+                estimate in prop_oneof![any::<f64>().prop_map(Some), Just(None)],
+                default_ms in any::<u64>(),
+                max_ms in any::<u64>(),
+                remaining_ns in any::<u64>(),
+            ) {
+                let bounds = WaitBounds {
+                    default_wait: Duration::from_millis(default_ms),
+                    max_wait: Duration::from_millis(max_ms),
+                };
+                let remaining = Duration::from_nanos(remaining_ns);
+                match wait_within(estimate, bounds, remaining) {
+                    None => prop_assert!(remaining.is_zero()),
+                    Some(wait) => {
+                        prop_assert!(wait <= remaining);
+                        prop_assert!(wait <= bounds.max_wait);
+                    }
+                }
             }
 
             #[test]

@@ -452,10 +452,7 @@ fn plan_wait(
     }
     let elapsed = now.saturating_duration_since(since);
     let remaining = config.max_total_wait.saturating_sub(elapsed);
-    if remaining.is_zero() {
-        return None;
-    }
-    let wait = classify::advised_wait(cold.estimate, config.wait_bounds()).min(remaining);
+    let wait = classify::wait_within(cold.estimate, config.wait_bounds(), remaining)?;
     let event = RetryEvent {
         uri,
         model: cold.model.as_deref(),
