@@ -26,6 +26,10 @@ pub(crate) const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The phrase HuggingFace puts in `error` while a model loads.
 const LOADING_MARKER: &str = "is currently loading";
 
+/// The phrase HuggingFace puts in `error` (with a `500`) when it held a
+/// request for its limit (about 60 s) and the model is still not ready.
+const TOO_BUSY_MARKER: &str = "Model too busy";
+
 /// The shortest sleep between two attempts, unless `max_wait` is shorter.
 ///
 /// A server that says `"estimated_time": 0` (or 1e-9) must not turn the layer
@@ -41,10 +45,14 @@ pub(crate) struct ColdStart {
     /// (it may still be negative or absurdly large); `None` when it was
     /// missing, `null`, a string, or any other type.
     pub(crate) estimate: Option<f64>,
+    /// The server held the request for its limit and gave up ("Model too
+    /// busy"): it has just waited, so the retry goes out after the shortest
+    /// wait.
+    pub(crate) after_hold: bool,
 }
 
 #[derive(Deserialize)]
-struct LoadingBody<'a> {
+struct ErrorBody<'a> {
     #[serde(borrow)]
     error: std::borrow::Cow<'a, str>,
     // Kept raw: serde_json refuses numbers outside the `f64` range, and such a
@@ -53,27 +61,49 @@ struct LoadingBody<'a> {
     estimated_time: Option<&'a RawValue>,
 }
 
+/// Whether a response with this status may be a cold start, and so is worth
+/// reading; `held` says whether the request asked the server to hold it.
+pub(crate) fn worth_reading(status: StatusCode, held: bool) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        || (held && status == StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 /// Decides whether a response is a HuggingFace cold start.
 ///
 /// A cold start is a `503` whose body is a JSON object with an `error` string
-/// containing `is currently loading`. Anything else (another status, an HTML
-/// page, invalid or non-object JSON, duplicate keys, nesting deeper than
-/// serde_json accepts) is not a cold start.
-pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Option<ColdStart> {
-    if status != StatusCode::SERVICE_UNAVAILABLE {
-        return None;
+/// containing `is currently loading`; or, for a request that carried
+/// `x-wait-for-model`, a `500` whose `error` contains `Model too busy` (the
+/// server held it for its limit and the model is still loading). Anything
+/// else (another status, an HTML page, invalid or non-object JSON, duplicate
+/// keys, nesting deeper than serde_json accepts) is not a cold start.
+pub(crate) fn classify(status: StatusCode, body: &[u8], held: bool) -> Option<ColdStart> {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        return parse_loading_body(body);
     }
-    parse_loading_body(body)
+    if held && status == StatusCode::INTERNAL_SERVER_ERROR {
+        let parsed = parse_error_body(body)?;
+        return parsed.error.contains(TOO_BUSY_MARKER).then_some(ColdStart {
+            model: None,
+            estimate: None,
+            after_hold: true,
+        });
+    }
+    None
 }
 
-/// Parses a loading body; see [`classify`].
-pub(crate) fn parse_loading_body(body: &[u8]) -> Option<ColdStart> {
+/// Parses a JSON object with an `error` string.
+fn parse_error_body(body: &[u8]) -> Option<ErrorBody<'_>> {
     // Only an object counts: serde would also accept `["...", 20]` for a struct.
     let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
     if *first != b'{' {
         return None;
     }
-    let parsed: LoadingBody<'_> = serde_json::from_slice(body).ok()?;
+    serde_json::from_slice(body).ok()
+}
+
+/// Parses a loading body; see [`classify`].
+pub(crate) fn parse_loading_body(body: &[u8]) -> Option<ColdStart> {
+    let parsed = parse_error_body(body)?;
     if !parsed.error.contains(LOADING_MARKER) {
         return None;
     }
@@ -92,7 +122,11 @@ pub(crate) fn parse_loading_body(body: &[u8]) -> Option<ColdStart> {
         .and_then(|rest| rest.split_once(" is currently loading"))
         .map(|(model, _)| model.to_owned())
         .filter(|model| !model.is_empty());
-    Some(ColdStart { model, estimate })
+    Some(ColdStart {
+        model,
+        estimate,
+        after_hold: false,
+    })
 }
 
 /// The bounds that shape one wait.
@@ -153,12 +187,13 @@ mod tests {
 
     #[test]
     fn recorded_huggingface_body_is_a_cold_start() {
-        let got = classify(StatusCode::SERVICE_UNAVAILABLE, HF);
+        let got = classify(StatusCode::SERVICE_UNAVAILABLE, HF, false);
         assert_eq!(
             got,
             Some(ColdStart {
                 model: Some("distilbert/distilbert-base-uncased-finetuned-sst-2-english".into()),
-                estimate: Some(20.0)
+                estimate: Some(20.0),
+                after_hold: false,
             })
         );
     }
@@ -167,7 +202,7 @@ mod tests {
     fn only_503_is_a_cold_start() {
         for status in [200, 429, 500, 502, 504] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(classify(status, HF), None, "{status}");
+            assert_eq!(classify(status, HF, true), None, "{status}");
         }
     }
 
@@ -192,6 +227,26 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn too_busy_after_a_hold_is_still_loading() {
+        let body =
+            br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#;
+        let got = classify(StatusCode::INTERNAL_SERVER_ERROR, body, true).unwrap();
+        assert!(got.after_hold);
+        assert_eq!(got.estimate, None);
+        // Without a hold it is the server's own error, passed on.
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, body, false),
+            None
+        );
+        assert_eq!(classify(StatusCode::BAD_GATEWAY, body, true), None);
+        let other = br#"{"error":"Internal Server Error"}"#;
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, other, true),
+            None
+        );
     }
 
     #[test]
@@ -242,7 +297,8 @@ mod tests {
             got,
             ColdStart {
                 model: Some("x".into()),
-                estimate: None
+                estimate: None,
+                after_hold: false,
             }
         );
     }
@@ -345,7 +401,7 @@ mod tests {
             #[test]
             fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512), status in 100u16..600) {
                 let status = StatusCode::from_u16(status).unwrap();
-                let got = classify(status, &body);
+                let got = classify(status, &body, false);
                 if status != StatusCode::SERVICE_UNAVAILABLE {
                     prop_assert!(got.is_none());
                 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use http::{request, response, Request, Response, StatusCode};
+use http::{request, response, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{sleep, Instant, Sleep};
@@ -43,6 +43,8 @@ pin_project! {
         body: Buffered,
         // Requests sent so far.
         attempts: u32,
+        // Whether the request in flight asked the server to hold it.
+        held: bool,
         // Time slept so far.
         waited: Duration,
         // When the first loading response arrived.
@@ -167,12 +169,14 @@ where
         let mut parts = Some(parts);
         let mut head = None;
         let mut attempts = 0;
+        let mut held = false;
         let state = match replay::plan(body, config.body_limit) {
             Plan::Read(source) => State::Buffering {
                 reader: Reader::new(source, config.body_limit),
             },
             Plan::Empty => {
                 let req = first_request(&mut parts, &mut head, &Buffered::default(), &config);
+                held = asks_to_hold(&req);
                 attempts += 1;
                 State::Calling {
                     future: service.call(req),
@@ -195,6 +199,7 @@ where
             head,
             body: Buffered::default(),
             attempts,
+            held,
             waited: Duration::ZERO,
             cold_since: None,
             last: None,
@@ -290,6 +295,7 @@ where
                             Request::from_parts(parts, body)
                         }
                     };
+                    *this.held = asks_to_hold(&req);
                     *this.attempts += 1;
                     let future = this.service.call(req);
                     this.state.set(State::Calling { future });
@@ -302,7 +308,7 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    if !may_be_cold_start(&response, this.head.is_some()) {
+                    if !may_be_cold_start(&response, this.head.is_some(), *this.held) {
                         this.state.set(State::Done);
                         let report = ColdStartReport::new(*this.attempts, *this.waited);
                         return Poll::Ready(Ok(finish(
@@ -334,7 +340,7 @@ where
                     let cold = match &end {
                         End::Error(_) => None,
                         End::Trailers(_) | End::Eof => {
-                            classify::classify(head.status, &contiguous(&read))
+                            classify::classify(head.status, &contiguous(&read), *this.held)
                         }
                     };
                     let Some(cold) = cold else {
@@ -407,6 +413,7 @@ where
                         return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
                     };
                     *this.last = None;
+                    *this.held = asks_to_hold(&req);
                     *this.attempts += 1;
                     let future = this.service.call(req);
                     this.state.set(State::Calling { future });
@@ -417,11 +424,15 @@ where
     }
 }
 
+fn asks_to_hold<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(&X_WAIT_FOR_MODEL)
+}
+
 /// Whether a response is worth reading: a 503 for a request that may still be
 /// retried, with a body that may be small enough to be a loading body.
-fn may_be_cold_start<B: Body>(response: &Response<B>, retryable: bool) -> bool {
+fn may_be_cold_start<B: Body>(response: &Response<B>, retryable: bool, held: bool) -> bool {
     retryable
-        && response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && classify::worth_reading(response.status(), held)
         && response.body().size_hint().lower() <= PEEK_LIMIT as u64
 }
 
@@ -452,7 +463,13 @@ fn plan_wait(
     }
     let elapsed = now.saturating_duration_since(since);
     let remaining = config.max_total_wait.saturating_sub(elapsed);
-    let wait = classify::wait_within(cold.estimate, config.wait_bounds(), remaining)?;
+    // After a hold that timed out the server has just waited: retry soon.
+    let hint = if cold.after_hold {
+        Some(0.0)
+    } else {
+        cold.estimate
+    };
+    let wait = classify::wait_within(hint, config.wait_bounds(), remaining)?;
     let event = RetryEvent {
         uri,
         model: cold.model.as_deref(),

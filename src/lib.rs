@@ -74,9 +74,12 @@
 //!   and nothing is sent.
 //! - **Classification.** A response is a cold start when its status is `503`
 //!   and its body is a JSON object whose `error` string contains
-//!   `is currently loading`. Only `503` bodies are read, up to 4 KiB and for
-//!   at most 5 s; a larger, slower, unreadable or non-JSON body is not a cold
-//!   start. A response that
+//!   `is currently loading`. A request that asked the server to hold it
+//!   (`x-wait-for-model`) and came back `500` with `Model too busy` (the
+//!   server held it for its limit, about 60 s) is still loading too, and is
+//!   retried after the shortest wait. Only such `503` and `500` bodies are
+//!   read, up to 4 KiB and for at most 5 s; a larger, slower, unreadable or
+//!   non-JSON body is not a cold start. A response that
 //!   is not retried reaches the caller with its status, headers and every
 //!   body byte (and trailers, or body error) exactly as the server sent them.
 //!   `429`, other `503`s and error pages pass through after one request.

@@ -298,3 +298,48 @@ async fn recorded_cold_starts_all_succeed_within_the_defaults() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
+    // Ready after 100 s. The retry at 20 s is held for the server's 60 s
+    // limit and answered 500 "Model too busy" at 80 s; the layer retries a
+    // second later, and that request is held until the model is ready.
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(100), 20.0, true),
+    )])
+    .await;
+    let start = tokio::time::Instant::now();
+    let (response, report) = call(ColdStartRetryLayer::new(), &server, MODEL).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(100));
+    assert_eq!(secs(&offsets(&server)), [0, 20, 81]);
+    assert_eq!(report.attempts(), 3);
+    assert_eq!(report.waited(), Duration::from_secs(21));
+}
+
+#[tokio::test(start_paused = true)]
+async fn model_too_busy_without_a_hold_passes_through() {
+    let body = br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#;
+    let server = HfServer::start([(MODEL, Model::fixed(500, "application/json", &body[..]))]).await;
+    let (response, report) = call(ColdStartRetryLayer::new(), &server, MODEL).await;
+    assert_eq!(response.status(), 500);
+    assert_eq!(response.body(), &Bytes::from_static(body));
+    assert_eq!(report.attempts(), 1);
+    assert_eq!(server.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn model_too_busy_after_a_hold_ends_in_that_500_when_the_budget_is_spent() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(1000), 20.0, true),
+    )])
+    .await;
+    let (response, report) = call(ColdStartRetryLayer::new().max_attempts(2), &server, MODEL).await;
+    // The second and last attempt is held 60 s and answered "too busy":
+    // passed on as sent.
+    assert_eq!(response.status(), 500);
+    assert!(String::from_utf8_lossy(response.body()).contains("Model too busy"));
+    assert_eq!(report.attempts(), 2);
+}
