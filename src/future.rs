@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -10,11 +11,13 @@ use http::header::{HeaderName, HeaderValue};
 use http::{request, response, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::{sleep, Instant, Sleep};
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::End;
 use crate::classify::{self, ColdStart, PEEK_LIMIT, PEEK_TIMEOUT};
+use crate::gate::{Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
 use crate::replay::{self, Buffered, Buffering, Plan, Reader};
@@ -32,28 +35,38 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, ReqBody, ResBody>,
-        service: S,
-        // A copy, not an `Arc`: no shared counter is touched per call.
-        config: Config,
-        // The caller's request head, until the first attempt takes it.
-        parts: Option<request::Parts>,
-        // A copy of it for retries; `None` when no retry can follow (an
-        // unbuffered body, or the last possible attempt was sent).
-        head: Option<Head>,
-        body: Buffered,
-        // Requests sent so far.
-        attempts: u32,
-        // Whether the request in flight asked the server to hold it.
-        held: bool,
-        // Time slept so far.
-        waited: Duration,
-        // When the first loading response arrived.
-        cold_since: Option<Instant>,
-        // The latest loading response, returned as it came if the budget
-        // runs out before the next attempt is sent.
-        // Boxed: only a cold start needs it.
-        last: Option<Box<Loading>>,
+        call: Call<S>,
     }
+}
+
+/// Everything about one call that is not pinned.
+struct Call<S> {
+    service: S,
+    // A copy, not an `Arc`: the settings are small; only the hook and the
+    // registry of cold models are shared.
+    config: Config,
+    // The caller's request head, until the first attempt takes it.
+    parts: Option<request::Parts>,
+    // A copy of it for retries; `None` when no retry can follow (an
+    // unbuffered body, or the last possible attempt was sent).
+    head: Option<Head>,
+    body: Buffered,
+    // Requests sent so far.
+    attempts: u32,
+    // Whether the request in flight asked the server to hold it.
+    held: bool,
+    // Time spent without a request in flight: asleep, or waiting for
+    // another caller's probe of the same model.
+    waited: Duration,
+    // When this call first met the model loading.
+    cold_since: Option<Instant>,
+    // The latest loading response seen, returned as it came if the budget
+    // runs out before the next attempt is sent.
+    last: Option<Arc<Snapshot>>,
+    // The model's key in the shared registry, once needed.
+    key: Option<u64>,
+    // Held while this call is the one probing a cold model.
+    probe: Option<Probe>,
 }
 
 /// A 503 whose body is being read.
@@ -113,11 +126,11 @@ impl<B: Body<Data = Bytes>> Peek<B> {
     }
 }
 
-/// A loading response, read to its end.
-struct Loading {
-    head: response::Parts,
-    body: Vec<Bytes>,
-    trailers: Option<http::HeaderMap>,
+/// A caller waiting while another probes the same cold model.
+struct Wait {
+    wake: Pin<Box<OwnedNotified>>,
+    deadline: Pin<Box<Sleep>>,
+    started: Instant,
 }
 
 pin_project! {
@@ -137,7 +150,7 @@ pin_project! {
             future: F,
         },
         // Reading the start of a 503 body to classify it. Boxed, like the
-        // sleep: the warm path never gets here, and every state change moves
+        // waits: the warm path never gets here, and every state change moves
         // the whole enum.
         Peeking {
             peek: Option<Box<Peek<ResBody>>>,
@@ -146,6 +159,10 @@ pin_project! {
         Sleeping {
             sleep: Pin<Box<Sleep>>,
             started: Instant,
+        },
+        // Waiting for another caller's probe of the same cold model.
+        Waiting {
+            wait: Box<Wait>,
         },
         // Waiting for the inner service to be ready for the next attempt.
         Readying {
@@ -157,6 +174,14 @@ pin_project! {
     }
 }
 
+/// What a call does next, once it knows the model's state.
+enum Next {
+    /// Send (the service is ready).
+    Send,
+    /// Wait for another caller's probe.
+    Wait(Box<Wait>),
+}
+
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
@@ -164,46 +189,209 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
 {
-    pub(crate) fn new(mut service: S, config: Config, req: Request<ReqBody>) -> Self {
+    pub(crate) fn new(service: S, config: Config, req: Request<ReqBody>) -> Self {
         let (parts, body) = req.into_parts();
-        let mut parts = Some(parts);
-        let mut head = None;
-        let mut attempts = 0;
-        let mut held = false;
-        let state = match replay::plan(body, config.body_limit) {
-            Plan::Read(source) => State::Buffering {
-                reader: Reader::new(source, config.body_limit),
-            },
+        let mut call = Call {
+            service,
+            config,
+            parts: None,
+            head: None,
+            body: Buffered::default(),
+            attempts: 0,
+            held: false,
+            waited: Duration::ZERO,
+            cold_since: None,
+            last: None,
+            key: None,
+            probe: None,
+        };
+        let state = match replay::plan(body, call.config.body_limit) {
+            Plan::Read(source) => {
+                call.parts = Some(parts);
+                State::Buffering {
+                    reader: Reader::new(source, call.config.body_limit),
+                }
+            }
             Plan::Empty => {
-                let req = first_request(&mut parts, &mut head, &Buffered::default(), &config);
-                held = asks_to_hold(&req);
-                attempts += 1;
-                State::Calling {
-                    future: service.call(req),
+                call.parts = Some(parts);
+                // The service was polled ready by the caller.
+                match call.check_gate() {
+                    Next::Send => {
+                        let req = call
+                            .next_request()
+                            .expect("the first attempt is always built");
+                        State::Calling {
+                            future: call.send(req),
+                        }
+                    }
+                    Next::Wait(wait) => State::Waiting { wait },
                 }
             }
             Plan::Stream(body) => {
                 // Too large to buffer: one attempt, no retry.
-                let parts = parts.take().expect("set above");
-                attempts += 1;
+                call.attempts = 1;
                 State::Calling {
-                    future: service.call(Request::from_parts(parts, body)),
+                    future: call.service.call(Request::from_parts(parts, body)),
                 }
             }
         };
-        ResponseFuture {
-            state,
-            service,
-            config,
-            parts,
-            head,
-            body: Buffered::default(),
-            attempts,
-            held,
-            waited: Duration::ZERO,
-            cold_since: None,
-            last: None,
+        ResponseFuture { state, call }
+    }
+}
+
+impl<S> Call<S> {
+    fn registry_key(&mut self) -> Option<u64> {
+        if self.key.is_none() {
+            let registry = &self.config.registry;
+            self.key = match (&self.parts, &self.head) {
+                (Some(parts), _) => Some(registry.key(&parts.uri)),
+                (None, Some(head)) => Some(registry.key(&head.uri())),
+                (None, None) => None,
+            };
         }
+        self.key
+    }
+
+    /// Before an attempt: if the model is known cold, take the probe or wait
+    /// for whoever holds it. One relaxed load while no model is cold.
+    fn check_gate(&mut self) -> Next {
+        if self.probe.is_some() || !self.config.registry.any_cold() {
+            return Next::Send;
+        }
+        let Some(key) = self.registry_key() else {
+            return Next::Send;
+        };
+        match self.config.registry.gate(key) {
+            None => Next::Send,
+            Some(gate) => self.enter(gate),
+        }
+    }
+
+    /// Takes the probe of `gate`, or sets up a wait for it. The wake-up is
+    /// registered before the probe is tried and the gate looked up again, so
+    /// that a probe given back, or the model turning warm, in between is not
+    /// missed.
+    fn enter(&mut self, mut gate: Arc<Gate>) -> Next {
+        let key = self.key.expect("a gate is entered by key");
+        let wake = loop {
+            let wake = gate.wake_up();
+            if let Some(probe) = gate.try_probe() {
+                self.probe = Some(probe);
+                return Next::Send;
+            }
+            match self.config.registry.gate(key) {
+                Some(current) if Arc::ptr_eq(&current, &gate) => break wake,
+                Some(current) => gate = current,
+                None => return Next::Send,
+            }
+        };
+        let now = Instant::now();
+        let since = *self.cold_since.get_or_insert(now);
+        if self.last.is_none() {
+            self.last = Some(gate.last());
+        }
+        let deadline = since
+            .checked_add(self.config.max_total_wait)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        Next::Wait(Box::new(Wait {
+            wake,
+            deadline: Box::pin(sleep_until(deadline)),
+            started: now,
+        }))
+    }
+
+    /// Records the model's answer in the shared registry: loading (a gate,
+    /// with this response as the latest), or anything else (the gate goes,
+    /// every waiter is released).
+    fn record(&mut self, loading: Option<&Arc<Snapshot>>) -> Option<Arc<Gate>> {
+        match loading {
+            Some(snapshot) => {
+                let key = self.registry_key()?;
+                Some(self.config.registry.mark_cold(key, Arc::clone(snapshot)))
+            }
+            None => {
+                if self.config.registry.any_cold() {
+                    if let Some(key) = self.registry_key() {
+                        self.config.registry.mark_warm(key);
+                    }
+                }
+                self.probe = None;
+                None
+            }
+        }
+    }
+
+    fn report(&self) -> ColdStartReport {
+        ColdStartReport::new(self.attempts, self.waited)
+    }
+
+    /// The latest loading response, exactly as it came.
+    fn give_up<B: Body>(&mut self) -> Response<ResponseBody<B>> {
+        self.probe = None;
+        let snapshot = self
+            .last
+            .take()
+            .expect("a loading response is kept while waiting");
+        let Snapshot {
+            head,
+            body,
+            trailers,
+        } = Arc::try_unwrap(snapshot).unwrap_or_else(|shared| Snapshot {
+            head: shared.head.clone(),
+            body: shared.body.clone(),
+            trailers: shared.trailers.clone(),
+        });
+        let response = Response::from_parts(
+            head,
+            ResponseBody::peeked(body, trailers.map(End::Trailers), None),
+        );
+        finish(response, self.report())
+    }
+}
+
+impl<S> Call<S> {
+    /// Builds the next attempt: the first (from the caller's own head) or a
+    /// retry (from the kept copy). A retry or a probe asks the server to
+    /// hold it, unless `wait_for_model(false)`. `None` only if the kept copy
+    /// no longer makes a valid head, which `http`'s safe constructors cannot
+    /// cause.
+    fn next_request<B>(&mut self) -> Option<Request<RequestBody<B>>> {
+        let hold = self.config.wait_for_model && (self.parts.is_none() || self.probe.is_some());
+        let mut req = match self.parts.take() {
+            Some(parts) => {
+                if self.config.max_attempts > 1 {
+                    self.head = Some(Head::copy(&parts));
+                }
+                Request::from_parts(parts, RequestBody::replay(&self.body))
+            }
+            None => {
+                let parts = self.head.as_ref()?.rebuild()?;
+                if self.attempts + 1 >= self.config.max_attempts {
+                    self.head = None;
+                }
+                Request::from_parts(parts, RequestBody::replay(&self.body))
+            }
+        };
+        if hold {
+            add_hold(req.headers_mut());
+        }
+        Some(req)
+    }
+
+    /// Sends `req` through the service, which must be ready.
+    fn send<B>(&mut self, req: Request<RequestBody<B>>) -> S::Future
+    where
+        S: Service<Request<RequestBody<B>>>,
+    {
+        self.held = req.headers().contains_key(&X_WAIT_FOR_MODEL);
+        self.attempts += 1;
+        self.service.call(req)
+    }
+}
+
+fn add_hold(headers: &mut http::HeaderMap) {
+    if !headers.contains_key(&X_WAIT_FOR_MODEL) {
+        headers.insert(X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true"));
     }
 }
 
@@ -219,51 +407,16 @@ where
             State::Calling { .. } => "waiting for a response",
             State::Peeking { .. } => "reading a 503 body",
             State::Sleeping { .. } => "sleeping before a retry",
+            State::Waiting { .. } => "waiting for another caller's probe",
             State::Readying { .. } => "waiting for the service to be ready",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("attempts", &self.attempts)
-            .field("waited", &self.waited)
+            .field("attempts", &self.call.attempts)
+            .field("waited", &self.call.waited)
             .finish()
     }
-}
-
-/// Builds the first attempt from the caller's own head, keeping a compact
-/// copy of it if a retry may follow.
-fn first_request<B>(
-    parts: &mut Option<request::Parts>,
-    head: &mut Option<Head>,
-    body: &Buffered,
-    config: &Config,
-) -> Request<RequestBody<B>> {
-    let parts = parts.take().expect("the first attempt is built once");
-    if config.max_attempts > 1 {
-        *head = Some(Head::copy(&parts));
-    }
-    Request::from_parts(parts, RequestBody::replay(body))
-}
-
-/// Builds attempt `attempts + 1` (a retry) from the kept copy, which is
-/// dropped when no attempt can follow this one. `None` if the copy no longer
-/// makes a valid head (see [`Head::rebuild`]).
-fn retry_request<B>(
-    head: &mut Option<Head>,
-    body: &Buffered,
-    config: &Config,
-    attempts: u32,
-) -> Option<Request<RequestBody<B>>> {
-    let mut parts = head.as_ref()?.rebuild()?;
-    if attempts + 1 >= config.max_attempts {
-        *head = None;
-    }
-    if config.wait_for_model && !parts.headers.contains_key(&X_WAIT_FOR_MODEL) {
-        parts
-            .headers
-            .insert(X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true"));
-    }
-    Some(Request::from_parts(parts, RequestBody::replay(body)))
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
@@ -278,43 +431,57 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let call = this.call;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { reader } => {
-                    let req = match ready!(reader.poll_read(cx)) {
-                        Err(error) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error));
+                StateProj::Buffering { reader } => match ready!(reader.poll_read(cx)) {
+                    Err(error) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
+                    Ok(Buffering::Done(buffered)) => {
+                        call.body = buffered;
+                        // The service taken in `call` is still ready.
+                        match call.check_gate() {
+                            Next::Send => {
+                                let req = call
+                                    .next_request()
+                                    .expect("the first attempt is always built");
+                                let future = call.send(req);
+                                this.state.set(State::Calling { future });
+                            }
+                            Next::Wait(wait) => this.state.set(State::Waiting { wait }),
                         }
-                        Ok(Buffering::Done(buffered)) => {
-                            *this.body = buffered;
-                            first_request(this.parts, this.head, this.body, this.config)
-                        }
-                        Ok(Buffering::Overflow(body)) => {
-                            let parts = this.parts.take().expect("kept until sent");
-                            Request::from_parts(parts, body)
-                        }
-                    };
-                    *this.held = asks_to_hold(&req);
-                    *this.attempts += 1;
-                    let future = this.service.call(req);
-                    this.state.set(State::Calling { future });
-                }
+                    }
+                    Ok(Buffering::Overflow(body)) => {
+                        let parts = call.parts.take().expect("kept until sent");
+                        call.attempts += 1;
+                        let future = call.service.call(Request::from_parts(parts, body));
+                        this.state.set(State::Calling { future });
+                    }
+                },
                 StateProj::Calling { future } => {
                     let response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
                         Err(error) => {
+                            // Not an answer from the model: someone else may
+                            // take the probe.
+                            call.probe = None;
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    if !may_be_cold_start(&response, this.head.is_some(), *this.held) {
+                    if !may_be_cold_start(&response, call.head.is_some(), call.held) {
+                        if classify::worth_reading(response.status(), call.held) {
+                            // Maybe loading, unread (the last attempt, or a
+                            // large body): not proof that the model is warm.
+                            call.probe = None;
+                        } else {
+                            call.record(None);
+                        }
                         this.state.set(State::Done);
-                        let report = ColdStartReport::new(*this.attempts, *this.waited);
-                        return Poll::Ready(Ok(finish(
-                            response.map(ResponseBody::passthrough),
-                            report,
-                        )));
+                        let response = response.map(ResponseBody::passthrough);
+                        return Poll::Ready(Ok(finish(response, call.report())));
                     }
                     let (head, body) = response.into_parts();
                     this.state.set(State::Peeking {
@@ -329,43 +496,51 @@ where
                     let Some(end) = end else {
                         // Too large or too slow for a loading body: hand it
                         // on, the bytes read first.
+                        call.record(None);
                         let response = Response::from_parts(
                             head,
                             ResponseBody::peeked(read, None, Some(body)),
                         );
-                        let report = ColdStartReport::new(*this.attempts, *this.waited);
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(finish(response, report)));
+                        return Poll::Ready(Ok(finish(response, call.report())));
                     };
                     let cold = match &end {
                         End::Error(_) => None,
                         End::Trailers(_) | End::Eof => {
-                            classify::classify(head.status, &contiguous(&read), *this.held)
+                            classify::classify(head.status, &contiguous(&read), call.held)
                         }
                     };
                     let Some(cold) = cold else {
+                        call.record(None);
                         let response =
                             Response::from_parts(head, ResponseBody::peeked(read, Some(end), None));
-                        let report = ColdStartReport::new(*this.attempts, *this.waited);
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(finish(response, report)));
+                        return Poll::Ready(Ok(finish(response, call.report())));
                     };
                     let trailers = match end {
                         End::Trailers(trailers) => Some(trailers),
                         _ => None,
                     };
-                    *this.last = Some(Box::new(Loading {
+                    let snapshot = Arc::new(Snapshot {
                         head,
                         body: read,
                         trailers,
-                    }));
-                    match plan_wait(
-                        this.config,
-                        this.cold_since,
-                        *this.attempts,
-                        this.head.as_ref(),
-                        &cold,
-                    ) {
+                    });
+                    let gate = call.record(Some(&snapshot));
+                    call.last = Some(snapshot);
+                    if call.attempts >= call.config.max_attempts {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(call.give_up()));
+                    }
+                    // Another caller probes this model: wait for it rather
+                    // than retry on our own.
+                    if let (None, Some(gate)) = (&call.probe, gate) {
+                        if let Next::Wait(wait) = call.enter(gate) {
+                            this.state.set(State::Waiting { wait });
+                            continue;
+                        }
+                    }
+                    match plan_wait(call, &cold) {
                         Some(wait) => {
                             let started = Instant::now();
                             this.state.set(State::Sleeping {
@@ -375,26 +550,55 @@ where
                         }
                         None => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(give_up(
-                                this.last,
-                                *this.attempts,
-                                *this.waited,
-                            )));
+                            return Poll::Ready(Ok(call.give_up()));
                         }
                     }
                 }
                 StateProj::Sleeping { sleep, started } => {
                     ready!(sleep.as_mut().poll(cx));
-                    *this.waited += started.elapsed();
+                    call.waited += started.elapsed();
                     this.state.set(State::Readying { delayed: false });
                 }
+                StateProj::Waiting { wait } => {
+                    if wait.deadline.as_mut().poll(cx).is_ready() {
+                        call.waited += wait.started.elapsed();
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(call.give_up()));
+                    }
+                    ready!(wait.wake.as_mut().poll(cx));
+                    // The probe was given back or the model answered: look
+                    // again (the gate may be gone, or a new one may exist).
+                    let key = call.key.expect("a waiting call knows its key");
+                    let gate = call.config.registry.gate(key);
+                    match gate {
+                        None => {
+                            call.waited += wait.started.elapsed();
+                            this.state.set(State::Readying { delayed: false });
+                        }
+                        Some(gate) => {
+                            let rearm = call.enter(gate);
+                            match rearm {
+                                Next::Send => {
+                                    call.waited += wait.started.elapsed();
+                                    this.state.set(State::Readying { delayed: false });
+                                }
+                                Next::Wait(mut next) => {
+                                    // Keep counting from when this wait began.
+                                    next.started = wait.started;
+                                    this.state.set(State::Waiting { wait: next });
+                                }
+                            }
+                        }
+                    }
+                }
                 StateProj::Readying { delayed } => {
-                    match this.service.poll_ready(cx) {
+                    match call.service.poll_ready(cx) {
                         Poll::Pending => {
                             *delayed = true;
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(error)) => {
+                            call.probe = None;
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }
@@ -402,20 +606,15 @@ where
                     }
                     // The sleep was sized to end within the budget; only a
                     // service that kept us waiting can have pushed us past it.
-                    if *delayed && past_budget(this.config, *this.cold_since) {
+                    if *delayed && past_budget(&call.config, call.cold_since) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
+                        return Poll::Ready(Ok(call.give_up()));
                     }
-                    let Some(req) =
-                        retry_request(this.head, this.body, this.config, *this.attempts)
-                    else {
+                    let Some(req) = call.next_request() else {
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(give_up(this.last, *this.attempts, *this.waited)));
+                        return Poll::Ready(Ok(call.give_up()));
                     };
-                    *this.last = None;
-                    *this.held = asks_to_hold(&req);
-                    *this.attempts += 1;
-                    let future = this.service.call(req);
+                    let future = call.send(req);
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
@@ -424,12 +623,9 @@ where
     }
 }
 
-fn asks_to_hold<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(&X_WAIT_FOR_MODEL)
-}
-
-/// Whether a response is worth reading: a 503 for a request that may still be
-/// retried, with a body that may be small enough to be a loading body.
+/// Whether a response is worth reading: a 503 (or a 500 after a hold) for a
+/// request that may still be retried, with a body that may be small enough
+/// to be a loading body.
 fn may_be_cold_start<B: Body>(response: &Response<B>, retryable: bool, held: bool) -> bool {
     retryable
         && classify::worth_reading(response.status(), held)
@@ -445,20 +641,15 @@ fn contiguous(chunks: &[Bytes]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-/// Decides the wait after a loading response, or `None` when the budget
+/// Decides the sleep after a loading response, or `None` when the budget
 /// (attempts or time) is spent. Reports the wait to tracing and the hook.
-fn plan_wait(
-    config: &Config,
-    cold_since: &mut Option<Instant>,
-    attempts: u32,
-    head: Option<&Head>,
-    cold: &ColdStart,
-) -> Option<Duration> {
-    let uri = head?.uri();
+fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
+    let uri = call.head.as_ref()?.uri();
     let uri = &uri;
+    let config = &call.config;
     let now = Instant::now();
-    let since = *cold_since.get_or_insert(now);
-    if attempts >= config.max_attempts {
+    let since = *call.cold_since.get_or_insert(now);
+    if call.attempts >= config.max_attempts {
         return None;
     }
     let elapsed = now.saturating_duration_since(since);
@@ -473,7 +664,7 @@ fn plan_wait(
     let event = RetryEvent {
         uri,
         model: cold.model.as_deref(),
-        attempt: attempts,
+        attempt: call.attempts,
         wait,
         estimate: cold.estimate,
         elapsed,
@@ -482,7 +673,7 @@ fn plan_wait(
         authority = uri.authority().map(|a| a.as_str()),
         path = uri.path(),
         model = event.model,
-        attempt = attempts,
+        attempt = call.attempts,
         wait_ms = wait.as_millis() as u64,
         estimate = cold.estimate,
         "model is loading; waiting before retrying"
@@ -495,26 +686,6 @@ fn plan_wait(
 
 fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {
     cold_since.is_some_and(|since| since.elapsed() > config.max_total_wait)
-}
-
-/// The last loading response, exactly as it came.
-fn give_up<B: Body>(
-    last: &mut Option<Box<Loading>>,
-    attempts: u32,
-    waited: Duration,
-) -> Response<ResponseBody<B>> {
-    let Loading {
-        head,
-        body,
-        trailers,
-    } = *last
-        .take()
-        .expect("a loading response is kept while waiting");
-    let response = Response::from_parts(
-        head,
-        ResponseBody::peeked(body, trailers.map(End::Trailers), None),
-    );
-    finish(response, ColdStartReport::new(attempts, waited))
 }
 
 fn finish<B>(mut response: Response<B>, report: ColdStartReport) -> Response<B> {

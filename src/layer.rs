@@ -7,6 +7,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::classify::WaitBounds;
+use crate::gate::Registry;
 use crate::{ColdStartRetry, RetryEvent};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
@@ -24,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) body_limit: usize,
     pub(crate) wait_for_model: bool,
     pub(crate) on_retry: Option<RetryHook>,
+    // Shared by every service this layer makes (and their clones).
+    pub(crate) registry: Arc<Registry>,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             body_limit: 8 * 1024 * 1024,
             wait_for_model: true,
             on_retry: None,
+            registry: Arc::default(),
         }
     }
 }

@@ -96,13 +96,23 @@
 //!   [`max_attempts`](ColdStartRetryLayer::max_attempts) requests are sent.
 //!   When either runs out, the caller gets the last loading response exactly
 //!   as the server sent it.
+//! - **Many callers, one cold model.** Services from one layer, and clones
+//!   of one service, share what they learn per model (scheme, authority and
+//!   path). Once a model answered "loading", one request at a time probes it
+//!   (with `x-wait-for-model`); other calls for it, new or retrying, wait
+//!   in-process instead of going upstream, and are all released the moment
+//!   any response shows the model is no longer loading. Each keeps its own
+//!   budget, and gets the latest loading response when it runs out. A probe
+//!   whose caller gives up is taken over at once by a waiter. While no model
+//!   is cold this costs one atomic load per call: no lock, no allocation.
 //! - **Report.** Every response carries a [`ColdStartReport`] extension.
 //! - **Observability.** Each wait emits a `tracing` event at `INFO` (URI
 //!   authority and path, model, attempt, wait, estimate; never a header
 //!   value) and calls the [`on_retry`](ColdStartRetryLayer::on_retry) hook.
 //! - **Cancellation.** Dropping the response future at any point (while the
-//!   body is read, a request is in flight, or the layer sleeps) cancels the
-//!   call: nothing more is sent.
+//!   body is read, a request is in flight or held, a 503 is read, the layer
+//!   sleeps, or waits for another caller's probe) cancels the call: nothing
+//!   more is sent, and a probe it held passes to a waiter.
 //!
 //! # Timeouts
 //!
@@ -135,6 +145,7 @@
 mod body;
 mod classify;
 pub mod future;
+mod gate;
 mod head;
 mod layer;
 mod replay;

@@ -27,11 +27,16 @@ impl ColdStartReport {
     }
 
     /// How many requests were sent upstream for this call, the first included.
+    ///
+    /// `0` when the call found its model cold, waited for another caller's
+    /// probe, and ran out of budget before sending anything: its response is
+    /// then the latest loading response another call received.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
 
-    /// How long the layer slept between attempts, in total.
+    /// How long this call spent with no request in flight: asleep between
+    /// attempts, or waiting for another caller's probe of the same model.
     ///
     /// Time a server spent holding a request (`x-wait-for-model: true`) is part
     /// of an attempt, not of this figure.
@@ -42,6 +47,9 @@ impl ColdStartReport {
 
 /// The facts about one wait, given to the [`on_retry`] hook before the layer
 /// sleeps.
+///
+/// Only the call that probes a cold model sleeps; calls waiting for its
+/// probe get no event of their own.
 ///
 /// [`on_retry`]: crate::ColdStartRetryLayer::on_retry
 #[derive(Debug, Clone, Copy)]

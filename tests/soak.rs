@@ -39,7 +39,8 @@ enum Expect {
     Echo,
     /// This status and exactly this body, after one request.
     Fixed(u16, &'static [u8]),
-    /// The loading 503 after `max_attempts`.
+    /// The loading 503, once the call's budget (3 attempts, or 300 ms,
+    /// spent partly waiting for other callers' probes) is spent.
     Exhausted,
     /// A model that keeps being unloaded: 200 echoing the body, or, if other
     /// callers' requests took the warm slots three times, the loading 503.
@@ -93,6 +94,7 @@ fn a_hundred_thousand_requests_from_five_hundred_tasks_are_all_accounted_for() {
             .layer(
                 ColdStartRetryLayer::new()
                     .max_wait(Duration::from_millis(5))
+                    .max_total_wait(Duration::from_millis(300))
                     .max_attempts(3),
             )
             .service(http1());
@@ -134,7 +136,8 @@ fn a_hundred_thousand_requests_from_five_hundred_tasks_are_all_accounted_for() {
                             outcome[1] += 1;
                         }
                         Expect::Exhausted => {
-                            assert_eq!((status, attempts), (503, 3), "{url}");
+                            assert_eq!(status, 503, "{url}");
+                            assert!(attempts <= 3, "{url}: {attempts}");
                             assert_eq!(got, loading_body("never", Some("1e308")));
                             outcome[2] += 1;
                         }
@@ -143,7 +146,8 @@ fn a_hundred_thousand_requests_from_five_hundred_tasks_are_all_accounted_for() {
                             outcome[0] += 1;
                         }
                         Expect::Flaky => {
-                            assert_eq!((status, attempts), (503, 3), "{url}");
+                            assert_eq!(status, 503, "{url}");
+                            assert!(attempts <= 3, "{url}: {attempts}");
                             assert_eq!(got, loading_body("flaky", Some("0.5")));
                             outcome[3] += 1;
                         }

@@ -1,0 +1,235 @@
+//! Shared state for concurrent callers of one cold model.
+//!
+//! Services made by one layer (and clones of one service) share a
+//! [`Registry`]. Once a model (keyed by scheme, authority and path) answers
+//! "loading", it gets a [`Gate`]: one request at a time probes the model, the
+//! others wait in-process instead of each retrying upstream. The first answer
+//! that is not "loading" removes the gate and releases every waiter at once.
+//!
+//! The warm path pays one relaxed atomic load: while no model is cold the
+//! registry is not locked and nothing is allocated.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use http::{response, HeaderMap, Uri};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+
+/// The cold models of one layer.
+#[derive(Default)]
+pub(crate) struct Registry {
+    // How many gates exist; zero on the warm path.
+    cold: AtomicUsize,
+    gates: Mutex<HashMap<u64, Arc<Gate>>>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("cold_models", &self.cold.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A model known to be loading.
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    notify: Arc<Notify>,
+}
+
+struct GateState {
+    probing: bool,
+    // The latest loading response, for a waiter whose budget runs out before
+    // it sent a request of its own.
+    last: Arc<Snapshot>,
+}
+
+/// A loading response, read to its end.
+pub(crate) struct Snapshot {
+    pub(crate) head: response::Parts,
+    pub(crate) body: Vec<Bytes>,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
+/// The right to probe a cold model; given back (and the next waiter woken)
+/// when dropped, whatever ends the probe: an answer, a timeout, the caller
+/// dropping its future.
+pub(crate) struct Probe {
+    gate: Arc<Gate>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can panic while holding a lock; recover anyway.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// The key of a request: its scheme, authority and path.
+    pub(crate) fn key(&self, uri: &Uri) -> u64 {
+        self.hasher.hash_one((
+            uri.scheme_str(),
+            uri.authority().map(|a| a.as_str()),
+            uri.path(),
+        ))
+    }
+
+    /// Whether any model is cold: one relaxed load, the warm path's only cost.
+    pub(crate) fn any_cold(&self) -> bool {
+        self.cold.load(Ordering::Relaxed) > 0
+    }
+
+    /// The gate of a cold model, if it is cold.
+    pub(crate) fn gate(&self, key: u64) -> Option<Arc<Gate>> {
+        if !self.any_cold() {
+            return None;
+        }
+        lock(&self.gates).get(&key).cloned()
+    }
+
+    /// Records a loading response for `key`, creating its gate if needed.
+    pub(crate) fn mark_cold(&self, key: u64, last: Arc<Snapshot>) -> Arc<Gate> {
+        let mut gates = lock(&self.gates);
+        if let Some(gate) = gates.get(&key) {
+            lock(&gate.state).last = last;
+            return Arc::clone(gate);
+        }
+        let gate = Arc::new(Gate {
+            state: Mutex::new(GateState {
+                probing: false,
+                last,
+            }),
+            notify: Arc::new(Notify::new()),
+        });
+        gates.insert(key, Arc::clone(&gate));
+        self.cold.fetch_add(1, Ordering::Relaxed);
+        gate
+    }
+
+    /// Records that `key` answered something other than "loading": drops its
+    /// gate and releases every waiter.
+    pub(crate) fn mark_warm(&self, key: u64) {
+        if !self.any_cold() {
+            return;
+        }
+        let removed = lock(&self.gates).remove(&key);
+        if let Some(gate) = removed {
+            self.cold.fetch_sub(1, Ordering::Relaxed);
+            gate.notify.notify_waiters();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cold_models(&self) -> usize {
+        self.cold.load(Ordering::Relaxed)
+    }
+}
+
+impl Gate {
+    /// Takes the probe if nobody holds it.
+    pub(crate) fn try_probe(self: &Arc<Self>) -> Option<Probe> {
+        let mut state = lock(&self.state);
+        if state.probing {
+            return None;
+        }
+        state.probing = true;
+        Some(Probe {
+            gate: Arc::clone(self),
+        })
+    }
+
+    /// The latest loading response.
+    pub(crate) fn last(&self) -> Arc<Snapshot> {
+        Arc::clone(&lock(&self.state).last)
+    }
+
+    /// A wake-up for the next change (probe given back, model warm),
+    /// registered before the caller checks the state again, so that no
+    /// change between the check and the wait is missed.
+    pub(crate) fn wake_up(&self) -> Pin<Box<OwnedNotified>> {
+        let mut notified = Box::pin(Arc::clone(&self.notify).notified_owned());
+        notified.as_mut().enable();
+        notified
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        lock(&self.gate.state).probing = false;
+        self.gate.notify.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Probe")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Arc<Snapshot> {
+        let (head, ()) = http::Response::new(()).into_parts();
+        Arc::new(Snapshot {
+            head,
+            body: Vec::new(),
+            trailers: None,
+        })
+    }
+
+    #[test]
+    fn keys_ignore_the_query_and_separate_models() {
+        let registry = Registry::default();
+        let a = registry.key(&"https://h/models/a?x=1".parse().unwrap());
+        assert_eq!(a, registry.key(&"https://h/models/a?y=2".parse().unwrap()));
+        assert_ne!(a, registry.key(&"https://h/models/b".parse().unwrap()));
+        assert_ne!(a, registry.key(&"https://other/models/a".parse().unwrap()));
+        assert_ne!(a, registry.key(&"http://h/models/a".parse().unwrap()));
+    }
+
+    #[test]
+    fn one_probe_at_a_time_and_given_back_on_drop() {
+        let registry = Registry::default();
+        let gate = registry.mark_cold(1, snapshot());
+        let probe = gate.try_probe().expect("free");
+        assert!(gate.try_probe().is_none());
+        drop(probe);
+        assert!(gate.try_probe().is_some());
+    }
+
+    #[tokio::test]
+    async fn warm_drops_the_gate_and_wakes_every_waiter() {
+        let registry = Registry::default();
+        let gate = registry.mark_cold(7, snapshot());
+        assert_eq!(registry.cold_models(), 1);
+        let waiters: Vec<_> = (0..3).map(|_| gate.wake_up()).collect();
+        registry.mark_warm(7);
+        assert_eq!(registry.cold_models(), 0);
+        assert!(registry.gate(7).is_none());
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+                .await
+                .expect("woken");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_probe_wakes_the_waiters() {
+        let registry = Registry::default();
+        let gate = registry.mark_cold(7, snapshot());
+        let probe = gate.try_probe().unwrap();
+        let waiter = gate.wake_up();
+        drop(probe);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken");
+    }
+}

@@ -1,0 +1,209 @@
+//! Concurrent callers of one cold model wait together: one probes, the rest
+//! wait in-process and are released the moment the model answers.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::{ColdStartReport, ColdStartRetry, ColdStartRetryLayer, RequestBody};
+
+const MODEL: &str = "/models/gpt2";
+
+type Client = ColdStartRetry<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        RequestBody<Full<Bytes>>,
+    >,
+>;
+
+fn client(layer: ColdStartRetryLayer) -> Client {
+    ServiceBuilder::new().layer(layer).service(http1())
+}
+
+/// One caller: sends its own input, checks it gets it back (the test server
+/// echoes), returns when it finished and how many requests it sent.
+async fn caller(client: Client, url: String, n: usize) -> (u16, Instant, u32) {
+    let input = Bytes::from(format!(r#"{{"inputs":"caller {n}"}}"#));
+    let request = Request::post(url).body(Full::new(input.clone())).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let attempts = response
+        .extensions()
+        .get::<ColdStartReport>()
+        .unwrap()
+        .attempts();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    if status == 200 {
+        assert_eq!(body, input, "caller {n} got another caller's answer");
+    }
+    (status, Instant::now(), attempts)
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
+    // Cold for 24 s, holding; estimate 20 s. One caller meets the cold
+    // model; 99 more arrive while it waits.
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
+    let client = client(ColdStartRetryLayer::new());
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(caller(client.clone(), server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(server.count(), 1);
+    for n in 1..100 {
+        tasks.spawn(caller(client.clone(), server.url(MODEL), n));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        server.count(),
+        1,
+        "late callers do not go upstream while the model is cold"
+    );
+    let mut done = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        done.push(result.unwrap());
+    }
+    assert!(done.iter().all(|(status, _, _)| *status == 200));
+    // The probe (sent at 20 s, held until 24 s), then each waiter once.
+    assert_eq!(server.count(), 1 + 1 + 99, "N + 1 upstream requests");
+    // Every caller is answered the moment the model is ready.
+    let ready = start + Duration::from_secs(24);
+    for (_, at, _) in &done {
+        assert!(
+            *at - ready < Duration::from_millis(50),
+            "woken {:?} late",
+            *at - ready
+        );
+    }
+    let held = server
+        .received()
+        .iter()
+        .filter(|r| r.headers.get("x-wait-for-model").is_some())
+        .count();
+    assert_eq!(
+        held, 1,
+        "only the probe asks to be held; released waiters find the model warm"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_meet_the_cold_model_together_retry_once_each_not_each_on_a_timer() {
+    let n = 100;
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(10), 20.0, false),
+    )])
+    .await;
+    let client = client(ColdStartRetryLayer::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tasks.spawn(caller(client.clone(), server.url(MODEL), i));
+    }
+    while let Some(result) = tasks.join_next().await {
+        assert_eq!(result.unwrap().0, 200);
+    }
+    // All N arrived before anything was known: N, then one probe at 20 s,
+    // then the other N - 1 once each.
+    assert_eq!(server.count(), 2 * n);
+    let at_20 = server
+        .received()
+        .iter()
+        .filter(|r| r.at.duration_since(server.received()[0].at) >= Duration::from_secs(20))
+        .count();
+    assert_eq!(
+        at_20, n,
+        "one probe, then the released waiters: no second round of timers"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(100), 30.0, false),
+    )])
+    .await;
+    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(300)));
+    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiter = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(server.count(), 1);
+    // The prober's caller gives up at 5 s (its own timeout, say).
+    prober.abort();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The waiter probes now, not at the prober's 30 s timer.
+    assert_eq!(server.count(), 2);
+    let taken_at = server.received()[1].at - server.received()[0].at;
+    assert_eq!(taken_at.as_secs(), 5);
+    waiter.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected() {
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
+    let client = client(ColdStartRetryLayer::new());
+    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dropped = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    let kept = tokio::spawn(caller(client.clone(), server.url(MODEL), 2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    dropped.abort();
+    assert_eq!(prober.await.unwrap().0, 200);
+    assert_eq!(kept.await.unwrap().0, 200);
+    // First request, probe, and the kept waiter: nothing for the dropped one.
+    assert_eq!(server.count(), 3);
+    assert!(server
+        .received()
+        .iter()
+        .all(|r| !String::from_utf8_lossy(&r.body).contains("caller 1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
+    let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
+    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(50)));
+    let start = Instant::now();
+    let first = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut waiters = Vec::new();
+    for n in 1..5 {
+        waiters.push(tokio::spawn(caller(client.clone(), server.url(MODEL), n)));
+    }
+    let (status, _, attempts) = first.await.unwrap();
+    assert_eq!((status, attempts), (503, 4), "attempts at 0, 20, 40, 50 s");
+    for waiter in waiters {
+        let (status, at, attempts) = waiter.await.unwrap();
+        assert_eq!(status, 503);
+        // Each waiter's own 50 s, counted from when it started waiting (1 s),
+        // plus whatever its turns as prober took.
+        assert!(
+            at - start <= Duration::from_secs(51 + 50),
+            "{:?}",
+            at - start
+        );
+        assert!(attempts <= 4);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_warm_again_goes_straight_upstream() {
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 2.0, false))]).await;
+    let client = client(ColdStartRetryLayer::new());
+    assert_eq!(caller(client.clone(), server.url(MODEL), 0).await.0, 200);
+    let before = server.count();
+    let start = Instant::now();
+    let (status, at, attempts) = caller(client.clone(), server.url(MODEL), 1).await;
+    assert_eq!((status, attempts), (200, 1));
+    assert!(at - start < Duration::from_millis(10));
+    assert_eq!(server.count(), before + 1);
+}
