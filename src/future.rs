@@ -42,9 +42,7 @@ pin_project! {
 /// Everything about one call that is not pinned.
 struct Call<S> {
     service: S,
-    // A copy, not an `Arc`: the settings are small; only the hook and the
-    // registry of cold models are shared.
-    config: Config,
+    config: Arc<Config>,
     // The caller's request head, until the first attempt takes it.
     parts: Option<request::Parts>,
     // A copy of it for retries; `None` when no retry can follow (an
@@ -189,7 +187,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
 {
-    pub(crate) fn new(service: S, config: Config, req: Request<ReqBody>) -> Self {
+    pub(crate) fn new(service: S, config: Arc<Config>, req: Request<ReqBody>) -> Self {
         let (parts, body) = req.into_parts();
         let mut call = Call {
             service,

@@ -12,10 +12,8 @@ use crate::{ColdStartRetry, RetryEvent};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
-/// Everything a [`ColdStartRetry`] needs to know.
-///
-/// Small and copied into each call (only the hook is shared), so that the
-/// warm path touches no reference count shared between threads.
+/// Everything a [`ColdStartRetry`] needs to know, shared by its clones and
+/// its calls behind one `Arc` (one reference count per call).
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) max_total_wait: Duration,
@@ -87,7 +85,7 @@ impl fmt::Debug for Config {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct ColdStartRetryLayer {
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl ColdStartRetryLayer {
@@ -102,7 +100,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 120 s.
     pub fn max_total_wait(mut self, max_total_wait: Duration) -> Self {
-        self.config.max_total_wait = max_total_wait;
+        Arc::make_mut(&mut self.config).max_total_wait = max_total_wait;
         self
     }
 
@@ -110,7 +108,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 60 s.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.config.max_wait = max_wait;
+        Arc::make_mut(&mut self.config).max_wait = max_wait;
         self
     }
 
@@ -119,7 +117,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 20 s, the figure HuggingFace's own clients assume.
     pub fn default_wait(mut self, default_wait: Duration) -> Self {
-        self.config.default_wait = default_wait;
+        Arc::make_mut(&mut self.config).default_wait = default_wait;
         self
     }
 
@@ -128,7 +126,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 10.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.config.max_attempts = max_attempts.max(1);
+        Arc::make_mut(&mut self.config).max_attempts = max_attempts.max(1);
         self
     }
 
@@ -137,7 +135,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 8 MiB.
     pub fn body_limit(mut self, body_limit: usize) -> Self {
-        self.config.body_limit = body_limit;
+        Arc::make_mut(&mut self.config).body_limit = body_limit;
         self
     }
 
@@ -148,7 +146,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: `true`.
     pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
-        self.config.wait_for_model = wait_for_model;
+        Arc::make_mut(&mut self.config).wait_for_model = wait_for_model;
         self
     }
 
@@ -161,7 +159,7 @@ impl ColdStartRetryLayer {
     where
         F: Fn(&RetryEvent<'_>) + Send + Sync + 'static,
     {
-        self.config.on_retry = Some(Arc::new(on_retry));
+        Arc::make_mut(&mut self.config).on_retry = Some(Arc::new(on_retry));
         self
     }
 }
@@ -170,6 +168,6 @@ impl<S> Layer<S> for ColdStartRetryLayer {
     type Service = ColdStartRetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ColdStartRetry::with_config(inner, self.config.clone())
+        ColdStartRetry::with_config(inner, Arc::clone(&self.config))
     }
 }

@@ -1,5 +1,6 @@
 //! The service.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,16 +19,16 @@ use crate::{BoxError, ColdStartRetryLayer, RequestBody, ResponseBody};
 #[derive(Clone, Debug)]
 pub struct ColdStartRetry<S> {
     inner: S,
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl<S> ColdStartRetry<S> {
     /// Wraps `inner` with the HuggingFace defaults.
     pub fn new(inner: S) -> Self {
-        Self::with_config(inner, Config::default())
+        Self::with_config(inner, Arc::default())
     }
 
-    pub(crate) fn with_config(inner: S, config: Config) -> Self {
+    pub(crate) fn with_config(inner: S, config: Arc<Config>) -> Self {
         ColdStartRetry { inner, config }
     }
 
@@ -75,6 +76,6 @@ where
         // inner services" in the `tower_service::Service` docs.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(inner, self.config.clone(), req)
+        ResponseFuture::new(inner, Arc::clone(&self.config), req)
     }
 }
