@@ -12,7 +12,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+use tower_cold_start::ColdStartRetryLayer;
 
 const MODEL: &str = "/models/gpt2";
 
@@ -40,7 +40,7 @@ async fn assert_passes_through(status: u16, content_type: &str, body: &'static [
         body.len().to_string().as_str()
     );
     assert_eq!(&response.body()[..], body, "{status}: body intact");
-    let report = response.extensions().get::<ColdStartReport>().unwrap();
+    let report = report(&response);
     assert_eq!((report.attempts(), report.waited()), (1, Duration::ZERO));
 }
 
@@ -220,14 +220,7 @@ async fn a_503_body_that_fails_mid_read_reaches_the_caller_with_its_bytes_then_t
     .await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["x-origin"], "edge");
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ColdStartReport>()
-            .unwrap()
-            .attempts(),
-        1
-    );
+    assert_eq!(report(&response).attempts(), 1);
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"{\"error\":\"Model gpt2 is cur");
@@ -264,7 +257,7 @@ async fn a_loading_body_in_pieces_is_recognised_and_returned_whole_when_the_budg
         Ok(Frame::trailers(trailers.clone())),
     ])
     .await;
-    let report = *response.extensions().get::<ColdStartReport>().unwrap();
+    let report = report(&response);
     assert_eq!(
         report.attempts(),
         3,
@@ -295,14 +288,7 @@ async fn a_503_that_grows_past_the_cap_mid_read_is_handed_on_whole() {
         Ok(Frame::data(Bytes::from_static(b"\"}"))),
     ])
     .await;
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ColdStartReport>()
-            .unwrap()
-            .attempts(),
-        1
-    );
+    assert_eq!(report(&response).attempts(), 1);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let mut expected = b"{\"error\":\"Model gpt2 is currently loading\",\"p\":\"".to_vec();
     expected.extend_from_slice(&big);
@@ -359,14 +345,7 @@ async fn a_503_body_that_trickles_is_handed_on_after_five_seconds_with_every_byt
         "{waited:?}"
     );
     assert_eq!(response.status(), 503);
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ColdStartReport>()
-            .unwrap()
-            .attempts(),
-        1
-    );
+    assert_eq!(report(&response).attempts(), 1);
     // The caller still reads the whole body, byte for byte.
     let got = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&got[..], &body[..]);

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetry, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -33,11 +33,7 @@ async fn caller(client: Client, url: String, n: usize) -> (u16, Instant, u32) {
     let request = Request::post(url).body(Full::new(input.clone())).unwrap();
     let response = client.oneshot(request).await.unwrap();
     let status = response.status().as_u16();
-    let attempts = response
-        .extensions()
-        .get::<ColdStartReport>()
-        .unwrap()
-        .attempts();
+    let attempts = report(&response).attempts();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     if status == 200 {
         assert_eq!(body, input, "caller {n} got another caller's answer");

@@ -11,7 +11,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+use tower_cold_start::ColdStartRetryLayer;
 use tower_http::set_header::SetRequestHeaderLayer;
 
 const MODEL: &str = "/models/gpt2";
@@ -54,14 +54,7 @@ async fn a_timeout_outside_that_fits_the_waits_lets_the_cold_start_finish() {
         .service(http1());
     let response = client.oneshot(post(server.url(MODEL))).await.unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ColdStartReport>()
-            .unwrap()
-            .attempts(),
-        2
-    );
+    assert_eq!(report(&response).attempts(), 2);
 }
 
 #[tokio::test(start_paused = true)]

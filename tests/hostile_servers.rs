@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+use tower_cold_start::ColdStartRetryLayer;
 
 const LOADING: &[u8] = br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#;
 
@@ -119,14 +119,6 @@ async fn call(
         .unwrap()
 }
 
-fn attempts<B>(response: &http::Response<B>) -> u32 {
-    response
-        .extensions()
-        .get::<ColdStartReport>()
-        .unwrap()
-        .attempts()
-}
-
 #[tokio::test(start_paused = true)]
 async fn an_endless_503_body_is_handed_on_at_once_not_read_to_its_end() {
     let (addr, count) = scripted(vec![
@@ -142,7 +134,7 @@ async fn an_endless_503_body_is_handed_on_at_once_not_read_to_its_end() {
         start.elapsed()
     );
     assert_eq!(response.status(), 503);
-    assert_eq!(attempts(&response), 1);
+    assert_eq!(report(&response).attempts(), 1);
     // The caller reads on, from the first byte the server sent.
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -163,7 +155,7 @@ async fn a_503_reset_mid_body_reaches_the_caller_as_bytes_then_an_error() {
     .await;
     let response = call(addr).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(attempts(&response), 1);
+    assert_eq!(report(&response).attempts(), 1);
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], &LOADING[..30]);
@@ -183,7 +175,7 @@ async fn a_content_length_shorter_than_the_body_truncates_it_and_is_not_a_cold_s
     .await;
     let response = call(addr).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(attempts(&response), 1);
+    assert_eq!(report(&response).attempts(), 1);
     let got = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
         &got[..],
@@ -218,7 +210,7 @@ async fn a_compressed_loading_503_is_not_decoded_and_arrives_as_sent() {
     let response = call(addr).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["content-encoding"], "gzip");
-    assert_eq!(attempts(&response), 1);
+    assert_eq!(report(&response).attempts(), 1);
     let got = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&got[..], gzipped);
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);

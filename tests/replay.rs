@@ -13,7 +13,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{BoxError, ColdStartReport, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{BoxError, ColdStartRetryLayer, RequestBody};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -214,14 +214,7 @@ async fn a_streamed_body_over_the_limit_is_sent_once_intact_and_not_retried() {
     let response = client.oneshot(request).await.unwrap();
     // Not retried: the loading 503 comes back as the server sent it.
     assert_eq!(response.status(), 503);
-    assert_eq!(
-        response
-            .extensions()
-            .get::<ColdStartReport>()
-            .unwrap()
-            .attempts(),
-        1
-    );
+    assert_eq!(report(&response).attempts(), 1);
     assert_eq!(bytes(response).await, loading_body("gpt2", Some("1.0")));
     let received = server.received();
     assert_eq!(received.len(), 1);

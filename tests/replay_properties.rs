@@ -12,9 +12,9 @@ use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
-use support::{hf_server, Frames};
+use support::{hf_server, report, Frames};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{ColdStartRetryLayer, RequestBody};
 
 const LIMIT: usize = 256;
 
@@ -69,11 +69,7 @@ fn run(body: Vec<u8>, cuts: Vec<usize>, trailers: bool) -> (Seen, u32) {
         .body(Frames::new(frames))
         .unwrap();
     let response = rt.block_on(client.oneshot(request)).unwrap();
-    let attempts = response
-        .extensions()
-        .get::<ColdStartReport>()
-        .unwrap()
-        .attempts();
+    let attempts = report(&response).attempts();
     (seen, attempts)
 }
 

@@ -18,7 +18,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
+use tower_cold_start::ColdStartRetryLayer;
 
 const HTML_503: &[u8] = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>";
 const RATE_LIMITED: &[u8] =
@@ -122,7 +122,7 @@ fn a_hundred_thousand_requests_from_five_hundred_tasks_are_all_accounted_for() {
                         .unwrap();
                     let response = client.clone().oneshot(request).await.expect("no transport error on loopback");
                     let status = response.status().as_u16();
-                    let attempts = response.extensions().get::<ColdStartReport>().unwrap().attempts();
+                    let attempts = report(&response).attempts();
                     let got = response.into_body().collect().await.unwrap().to_bytes();
                     match expect {
                         Expect::Echo => {

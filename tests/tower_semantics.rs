@@ -249,10 +249,7 @@ async fn an_inner_service_not_ready_past_the_budget_gets_the_last_503_and_no_ret
     assert_eq!(start.elapsed(), Duration::from_secs(210));
     assert_eq!(response.status(), 503);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let report = response
-        .extensions()
-        .get::<tower_cold_start::ColdStartReport>()
-        .unwrap();
+    let report = report(&response);
     assert_eq!(report.attempts(), 1);
 }
 

@@ -26,7 +26,7 @@ async fn call(
         )))
         .unwrap();
     let response = client.oneshot(request).await.unwrap();
-    let report = *response.extensions().get::<ColdStartReport>().unwrap();
+    let report = report(&response);
     let (parts, body) = response.into_parts();
     let body = http_body_util::BodyExt::collect(body)
         .await

@@ -34,6 +34,14 @@ where
         .build_http()
 }
 
+/// The report the layer attached to a response.
+pub fn report<B>(response: &Response<B>) -> tower_cold_start::ColdStartReport {
+    *response
+        .extensions()
+        .get::<tower_cold_start::ColdStartReport>()
+        .expect("every response carries a report")
+}
+
 /// Reads a whole response body.
 pub async fn bytes<B>(response: Response<B>) -> Bytes
 where
