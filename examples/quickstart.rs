@@ -43,6 +43,10 @@ async fn main() -> Result<(), BoxError> {
                 hf_server::Model::cold_with(Duration::from_secs(4), 2.5, true),
             )])
             .await;
+            // What the real model answers for a sentiment input.
+            server.set_answer(
+                r#"[[{"label":"POSITIVE","score":0.9998704791069031},{"label":"NEGATIVE","score":0.00012949648278299719}]]"#,
+            );
             println!(
                 "embedded HuggingFace-like server on {}: {model} is cold for 4 s",
                 server.addr

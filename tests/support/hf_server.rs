@@ -105,6 +105,8 @@ struct State {
     seen: HashMap<String, usize>,
     // Off for load tests, so that the server's memory stays flat.
     not_recording: bool,
+    // What a warm model answers; `None`: it echoes the request body.
+    answer: Option<Bytes>,
     count: usize,
     received: Vec<Received>,
 }
@@ -177,6 +179,11 @@ impl HfServer {
         self.state.lock().unwrap().count
     }
 
+    /// Makes warm models answer `answer` instead of echoing the request.
+    pub fn set_answer(&self, answer: impl Into<Bytes>) {
+        self.state.lock().unwrap().answer = Some(answer.into());
+    }
+
     /// Stops keeping each request (counting goes on), for load tests.
     pub fn stop_recording(&self) {
         self.state.lock().unwrap().not_recording = true;
@@ -204,7 +211,7 @@ impl HfServer {
             .headers
             .get("x-wait-for-model")
             .is_some_and(|v| v == "true" || v == "1");
-        let (model, first_seen, nth) = {
+        let (model, first_seen, nth, answer) = {
             let mut state = self.state.lock().unwrap();
             state.count += 1;
             if !state.not_recording {
@@ -222,9 +229,15 @@ impl HfServer {
             let seen = state.seen.entry(path.clone()).or_insert(0);
             *seen += 1;
             let nth = *seen;
-            (state.models.get(&path).cloned(), first_seen, nth)
+            (
+                state.models.get(&path).cloned(),
+                first_seen,
+                nth,
+                state.answer.clone(),
+            )
         };
         let model_id = path.trim_start_matches("/models/");
+        let body = answer.unwrap_or(body);
         match model {
             None => plain(StatusCode::NOT_FOUND, "no such model"),
             Some(Model::Warm) => ok(body),
