@@ -6,8 +6,10 @@
 //! curl -d '{"inputs":"hi"}' http://127.0.0.1:3000/models/gpt2
 //! cargo run --example axum_proxy -- --once  # sends itself one request, then exits
 //! ```
-//! The upstream is an embedded HuggingFace-like server whose models are cold
-//! for 3 s; set `UPSTREAM=http://host:port` to forward elsewhere (plain
+//! At start-up it warms `bert-base-uncased` with `warm_up` before accepting
+//! traffic, and keeps it warm with `KeepWarm`; `gpt2` is left cold, so the
+//! first request shows the layer at work. The upstream is an embedded
+//! HuggingFace-like server whose models are cold for 3 s; set `UPSTREAM=http://host:port` to forward elsewhere (plain
 //! HTTP; the quickstart shows an HTTPS client).
 
 #[path = "../tests/support/hf_server.rs"]
@@ -26,7 +28,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetry, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{
+    warm_up, ColdStartReport, ColdStartRetry, ColdStartRetryLayer, KeepWarm, KeepWarmSchedule,
+    RequestBody, WarmUp,
+};
 
 /// The shared client: clones share the connection pool and the configuration.
 type Upstream = tower::timeout::Timeout<ColdStartRetry<Client<HttpConnector, RequestBody<Body>>>>;
@@ -88,6 +93,35 @@ async fn main() -> Result<(), BoxError> {
         .timeout(Duration::from_secs(180))
         .layer(ColdStartRetryLayer::new())
         .service(Client::builder(TokioExecutor::new()).build_http());
+
+    // Before accepting traffic: warm the model the app depends on, through the
+    // same stack (and credentials) the handlers use; then keep it warm.
+    let warm_request = {
+        let url = format!("{upstream}/models/bert-base-uncased");
+        move || {
+            Request::post(url.as_str())
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"inputs":"warm-up"}"#))
+                .expect("a valid request")
+        }
+    };
+    let started = std::time::Instant::now();
+    match warm_up(
+        client.clone(),
+        warm_request.clone(),
+        Duration::from_secs(300),
+    )
+    .await
+    {
+        WarmUp::Warm { report, .. } => println!(
+            "bert-base-uncased warm after {:.1} s ({} attempt(s))",
+            started.elapsed().as_secs_f64(),
+            report.map_or(1, |r| r.attempts())
+        ),
+        other => println!("warm-up did not finish: {other:?}; serving anyway"),
+    }
+    let _keep_warm = KeepWarm::spawn(client.clone(), warm_request, KeepWarmSchedule::new());
+
     let app = Router::new()
         .route("/models/{*model}", post(forward))
         .with_state(App { client, upstream });

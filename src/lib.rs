@@ -151,12 +151,14 @@ mod layer;
 mod replay;
 mod report;
 mod service;
+mod warm;
 
 pub use body::ResponseBody;
 pub use layer::ColdStartRetryLayer;
 pub use replay::RequestBody;
 pub use report::{ColdStartReport, RetryEvent};
 pub use service::ColdStartRetry;
+pub use warm::{warm_up, KeepWarm, KeepWarmSchedule, WarmUp};
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

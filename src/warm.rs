@@ -1,0 +1,279 @@
+//! Warming a model before traffic arrives, and keeping it warm.
+//!
+//! Both send requests through the caller's own service stack, so the base
+//! URL, credentials and every other layer are the application's; put a
+//! [`ColdStartRetryLayer`](crate::ColdStartRetryLayer) in that stack so a
+//! cold answer is waited out rather than reported.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::{BoxError, ColdStartReport};
+
+/// What [`warm_up`] saw.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WarmUp {
+    /// The model answered with a success status.
+    Warm {
+        /// The status of the answer.
+        status: StatusCode,
+        /// The layer's report of the last call, if the stack has the layer.
+        report: Option<ColdStartReport>,
+        /// How many calls `warm_up` made (each may have retried inside).
+        calls: u32,
+    },
+    /// The deadline passed before the model answered warm.
+    TimedOut {
+        /// The status of the last answer, if there was one.
+        last_status: Option<StatusCode>,
+        /// How many calls `warm_up` made.
+        calls: u32,
+    },
+    /// The service failed (a transport error, say) at the deadline or with
+    /// an error that calling again would not cure.
+    Failed(BoxError),
+}
+
+/// Sends `request()` through `service` until the model answers with a
+/// success status or `deadline` passes. Made for an application's start-up,
+/// before it accepts traffic.
+///
+/// Each call goes through the whole stack; with a
+/// [`ColdStartRetryLayer`](crate::ColdStartRetryLayer) in it, one call
+/// already waits out a cold start within the layer's budget, and `warm_up`
+/// calls again (a second later) only if that budget ran out first, or the
+/// answer was a `503` or `500`. Any other answer (a `401`, a `404`) will not
+/// improve by waiting: it ends the warm-up at once as [`WarmUp::Failed`].
+///
+/// ```
+/// # use std::convert::Infallible;
+/// # use std::time::Duration;
+/// # use bytes::Bytes;
+/// # use http::{Request, Response};
+/// # use http_body_util::Full;
+/// use tower::ServiceBuilder;
+/// use tower_cold_start::{warm_up, ColdStartRetryLayer, WarmUp};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// # let backend = tower::service_fn(|_req: Request<tower_cold_start::RequestBody<Full<Bytes>>>| async {
+/// #     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"[]"))))
+/// # });
+/// let client = ServiceBuilder::new()
+///     .layer(ColdStartRetryLayer::new())
+///     .service(backend);
+/// let outcome = warm_up(
+///     client,
+///     || Request::post("http://127.0.0.1:8080/models/gpt2")
+///         .body(Full::new(Bytes::from_static(br#"{"inputs":"warm up"}"#)))
+///         .unwrap(),
+///     Duration::from_secs(300),
+/// )
+/// .await;
+/// assert!(matches!(outcome, WarmUp::Warm { .. }));
+/// # }
+/// ```
+pub async fn warm_up<S, ReqBody, ResBody, F>(
+    mut service: S,
+    request: F,
+    deadline: Duration,
+) -> WarmUp
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    F: Fn() -> Request<ReqBody>,
+{
+    let until = Instant::now() + deadline;
+    let mut calls = 0;
+    let mut last_status = None;
+    loop {
+        let call = async {
+            poll_fn(|cx| service.poll_ready(cx)).await?;
+            service.call(request()).await
+        };
+        let result = match tokio::time::timeout_at(until, call).await {
+            Ok(result) => result,
+            Err(_) => return WarmUp::TimedOut { last_status, calls },
+        };
+        calls += 1;
+        match result {
+            Ok(response) if response.status().is_success() => {
+                return WarmUp::Warm {
+                    status: response.status(),
+                    report: response.extensions().get::<ColdStartReport>().copied(),
+                    calls,
+                }
+            }
+            Ok(response) => {
+                let status = response.status();
+                if status != StatusCode::SERVICE_UNAVAILABLE
+                    && status != StatusCode::INTERNAL_SERVER_ERROR
+                {
+                    return WarmUp::Failed(format!("warm-up request answered {status}").into());
+                }
+                last_status = Some(status);
+            }
+            Err(error) => {
+                let error: BoxError = error.into();
+                if Instant::now() >= until {
+                    return WarmUp::Failed(error);
+                }
+                tracing::warn!(error = %error, "warm-up request failed; trying again");
+            }
+        }
+        if tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_secs(1)))
+            .await
+            .is_err()
+        {
+            return WarmUp::TimedOut { last_status, calls };
+        }
+    }
+}
+
+/// A background task that keeps a model warm by sending it a request at an
+/// interval; see [`KeepWarm::spawn`].
+///
+/// It stops when this handle is dropped or [`stop`](KeepWarm::stop) is
+/// called, so it never outlives its owner.
+pub struct KeepWarm {
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for KeepWarm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepWarm")
+            .field("running", &!self.task.is_finished())
+            .finish()
+    }
+}
+
+/// How [`KeepWarm`] paces its pings.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepWarmSchedule {
+    interval: Duration,
+    jitter: bool,
+}
+
+impl Default for KeepWarmSchedule {
+    fn default() -> Self {
+        KeepWarmSchedule {
+            interval: Duration::from_secs(15 * 60),
+            jitter: true,
+        }
+    }
+}
+
+impl KeepWarmSchedule {
+    /// Every 15 minutes, with jitter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time between the end of one ping and the start of the next.
+    ///
+    /// Default: 15 minutes, well inside the idle time after which hosted
+    /// models are unloaded (HuggingFace Inference Endpoints scale to zero
+    /// after an hour by default).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Whether each interval is varied by up to ±10%, so that a fleet of
+    /// replicas started together does not ping in step.
+    ///
+    /// Default: `true`.
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    fn next_interval(&self, n: u64) -> Duration {
+        if !self.jitter {
+            return self.interval;
+        }
+        // A fresh random seed per process (std's hasher keys), mixed with the
+        // ping number: no dependency, and replicas differ.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(n);
+        let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        self.interval.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+impl KeepWarm {
+    /// Spawns the task on the current tokio runtime: it sends `request()`
+    /// through `service`, waits for the answer (the pings never overlap; one
+    /// that takes longer than the interval is abandoned), logs a failure
+    /// with `tracing` and carries on, then sleeps for the schedule's
+    /// interval.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a tokio runtime, like `tokio::spawn`.
+    pub fn spawn<S, ReqBody, ResBody, F>(
+        mut service: S,
+        request: F,
+        schedule: KeepWarmSchedule,
+    ) -> KeepWarm
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        F: Fn() -> Request<ReqBody> + Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                let req = request();
+                let ping = async {
+                    poll_fn(|cx| service.poll_ready(cx)).await?;
+                    service.call(req).await
+                };
+                // A ping that hangs must not stop the next ones.
+                match tokio::time::timeout(schedule.interval, ping).await {
+                    Ok(Ok(response)) if response.status().is_success() => {
+                        tracing::debug!(status = %response.status(), "keep-warm ping answered");
+                    }
+                    Ok(Ok(response)) => {
+                        tracing::warn!(status = %response.status(), "keep-warm ping answered with an error");
+                    }
+                    Ok(Err(error)) => {
+                        let error: BoxError = error.into();
+                        tracing::warn!(error = %error, "keep-warm ping failed");
+                    }
+                    Err(_) => tracing::warn!("keep-warm ping timed out"),
+                }
+                n += 1;
+                tokio::time::sleep(schedule.next_interval(n)).await;
+            }
+        });
+        KeepWarm { task }
+    }
+
+    /// Stops the task now (also done on drop).
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// Whether the task is still running.
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+impl Drop for KeepWarm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
