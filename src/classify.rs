@@ -11,6 +11,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::classifier::Hint;
+
 /// The most bytes of a 503 body that are read to classify it.
 ///
 /// HuggingFace's loading body is about 120 bytes plus the model id, so 4 KiB
@@ -159,17 +161,39 @@ pub(crate) fn advised_wait(estimate: Option<f64>, bounds: WaitBounds) -> Duratio
     hinted.max(MIN_WAIT).min(bounds.max_wait)
 }
 
-/// The sleep before the next attempt: the advised wait, cut to the time
-/// left in the budget. `None` when no time is left.
-pub(crate) fn wait_within(
-    estimate: Option<f64>,
+/// The sleep before attempt `attempt + 1` after a cold start that hinted
+/// `hint`: the advised wait, shortened by `jitter` (a number in [0, 1), or
+/// `None` for no jitter) but never below the floor, then cut to the time left
+/// in the budget. `None` when no time is left.
+pub(crate) fn planned_wait(
+    hint: Hint,
+    attempt: u32,
     bounds: WaitBounds,
+    jitter: Option<f64>,
     remaining: Duration,
 ) -> Option<Duration> {
     if remaining.is_zero() {
         return None;
     }
-    Some(advised_wait(estimate, bounds).min(remaining))
+    let advised = match hint {
+        Hint::Estimate(secs) => advised_wait(Some(secs), bounds),
+        Hint::After(wait) => advised_wait(Some(wait.as_secs_f64()), bounds),
+        Hint::Backoff => {
+            let doubling = attempt.saturating_sub(1).min(62) as i32;
+            advised_wait(Some(2f64.powi(doubling)), bounds)
+        }
+        Hint::Soon => advised_wait(Some(0.0), bounds),
+        Hint::Default => advised_wait(None, bounds),
+    };
+    let wait = match jitter {
+        Some(unit) if unit.is_finite() => {
+            let share = if hint == Hint::Backoff { 0.5 } else { 0.2 };
+            let factor = 1.0 - share * unit.clamp(0.0, 1.0);
+            advised.mul_f64(factor).max(MIN_WAIT.min(bounds.max_wait))
+        }
+        _ => advised,
+    };
+    Some(wait.min(remaining))
 }
 
 #[cfg(test)]
@@ -428,7 +452,15 @@ mod tests {
 
             #[test]
             fn no_sleep_runs_past_the_budget(
-                estimate in prop_oneof![any::<f64>().prop_map(Some), Just(None)],
+                hint in prop_oneof![
+                    any::<f64>().prop_map(Hint::Estimate),
+                    any::<u64>().prop_map(|s| Hint::After(Duration::from_secs(s))),
+                    Just(Hint::Backoff),
+                    Just(Hint::Soon),
+                    Just(Hint::Default),
+                ],
+                attempt in any::<u32>(),
+                jitter in prop_oneof![Just(None), any::<f64>().prop_map(Some)],
                 default_ms in any::<u64>(),
                 max_ms in any::<u64>(),
                 remaining_ns in any::<u64>(),
@@ -438,11 +470,12 @@ mod tests {
                     max_wait: Duration::from_millis(max_ms),
                 };
                 let remaining = Duration::from_nanos(remaining_ns);
-                match wait_within(estimate, bounds, remaining) {
+                match planned_wait(hint, attempt, bounds, jitter, remaining) {
                     None => prop_assert!(remaining.is_zero()),
                     Some(wait) => {
                         prop_assert!(wait <= remaining);
                         prop_assert!(wait <= bounds.max_wait);
+                        prop_assert!(wait >= MIN_WAIT.min(bounds.max_wait).min(remaining));
                     }
                 }
             }

@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::{request, response, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -16,7 +16,8 @@ use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::End;
-use crate::classify::{self, ColdStart, PEEK_LIMIT, PEEK_TIMEOUT};
+use crate::classifier::{ColdStart, Hint, Hold, ResponseParts};
+use crate::classify::{self, PEEK_LIMIT, PEEK_TIMEOUT};
 use crate::gate::{Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
@@ -334,10 +335,12 @@ impl<S> Call<S> {
             head,
             body,
             trailers,
+            ..
         } = Arc::try_unwrap(snapshot).unwrap_or_else(|shared| Snapshot {
             head: shared.head.clone(),
             body: shared.body.clone(),
             trailers: shared.trailers.clone(),
+            hold: shared.hold,
         });
         let response = Response::from_parts(
             head,
@@ -354,7 +357,11 @@ impl<S> Call<S> {
     /// no longer makes a valid head, which `http`'s safe constructors cannot
     /// cause.
     fn next_request<B>(&mut self) -> Option<Request<RequestBody<B>>> {
-        let hold = self.config.wait_for_model && (self.parts.is_none() || self.probe.is_some());
+        let hold = if self.config.wait_for_model && (self.parts.is_none() || self.probe.is_some()) {
+            self.last.as_ref().map_or(Hold::None, |last| last.hold)
+        } else {
+            Hold::None
+        };
         let mut req = match self.parts.take() {
             Some(parts) => {
                 if self.config.max_attempts > 1 {
@@ -370,10 +377,16 @@ impl<S> Call<S> {
                 Request::from_parts(parts, RequestBody::replay(&self.body))
             }
         };
-        if hold {
-            add_hold(req.headers_mut());
-        }
+        hold.apply(req.headers_mut(), self.remaining());
+        self.held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
         Some(req)
+    }
+
+    /// The time left in this call's budget (all of it before a cold start).
+    fn remaining(&self) -> Duration {
+        let max = self.config.max_total_wait;
+        self.cold_since
+            .map_or(max, |since| max.saturating_sub(since.elapsed()))
     }
 
     /// Sends `req` through the service, which must be ready.
@@ -381,15 +394,8 @@ impl<S> Call<S> {
     where
         S: Service<Request<RequestBody<B>>>,
     {
-        self.held = req.headers().contains_key(&X_WAIT_FOR_MODEL);
         self.attempts += 1;
         self.service.call(req)
-    }
-}
-
-fn add_hold(headers: &mut http::HeaderMap) {
-    if !headers.contains_key(&X_WAIT_FOR_MODEL) {
-        headers.insert(X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true"));
     }
 }
 
@@ -469,8 +475,8 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    if !may_be_cold_start(&response, call.head.is_some(), call.held) {
-                        if classify::worth_reading(response.status(), call.held) {
+                    if !may_be_cold_start(&response, &call.config, call.head.is_some(), call.held) {
+                        if reads(&call.config, response.status(), call.held) {
                             // Maybe loading, unread (the last attempt, or a
                             // large body): not proof that the model is warm.
                             call.probe = None;
@@ -505,7 +511,13 @@ where
                     let cold = match &end {
                         End::Error(_) => None,
                         End::Trailers(_) | End::Eof => {
-                            classify::classify(head.status, &contiguous(&read), call.held)
+                            call.config.classifier.0.classify(&ResponseParts {
+                                status: head.status,
+                                headers: &head.headers,
+                                body: &contiguous(&read),
+                                held: call.held,
+                                attempt: call.attempts,
+                            })
                         }
                     };
                     let Some(cold) = cold else {
@@ -523,6 +535,7 @@ where
                         head,
                         body: read,
                         trailers,
+                        hold: cold.hold,
                     });
                     let gate = call.record(Some(&snapshot));
                     call.last = Some(snapshot);
@@ -621,12 +634,23 @@ where
     }
 }
 
-/// Whether a response is worth reading: a 503 (or a 500 after a hold) for a
-/// request that may still be retried, with a body that may be small enough
-/// to be a loading body.
-fn may_be_cold_start<B: Body>(response: &Response<B>, retryable: bool, held: bool) -> bool {
+/// Whether the classifier wants to read a response with this status;
+/// successes are never cold starts.
+fn reads(config: &Config, status: http::StatusCode, held: bool) -> bool {
+    !status.is_success() && config.classifier.0.reads(status, held)
+}
+
+/// Whether a response is worth reading: one the classifier may call a cold
+/// start, for a request that may still be retried, with a body that may be
+/// small enough to classify.
+fn may_be_cold_start<B: Body>(
+    response: &Response<B>,
+    config: &Config,
+    retryable: bool,
+    held: bool,
+) -> bool {
     retryable
-        && classify::worth_reading(response.status(), held)
+        && reads(config, response.status(), held)
         && response.body().size_hint().lower() <= PEEK_LIMIT as u64
 }
 
@@ -652,19 +676,24 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
     }
     let elapsed = now.saturating_duration_since(since);
     let remaining = config.max_total_wait.saturating_sub(elapsed);
-    // After a hold that timed out the server has just waited: retry soon.
-    let hint = if cold.after_hold {
-        Some(0.0)
-    } else {
-        cold.estimate
+    let estimate = match cold.hint {
+        Hint::Estimate(secs) => Some(secs),
+        _ => None,
     };
-    let wait = classify::wait_within(hint, config.wait_bounds(), remaining)?;
+    let jitter = config.jitter.then(random_unit);
+    let wait = classify::planned_wait(
+        cold.hint,
+        call.attempts,
+        config.wait_bounds(),
+        jitter,
+        remaining,
+    )?;
     let event = RetryEvent {
         uri,
         model: cold.model.as_deref(),
         attempt: call.attempts,
         wait,
-        estimate: cold.estimate,
+        estimate,
         elapsed,
     };
     tracing::info!(
@@ -673,13 +702,22 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         model = event.model,
         attempt = call.attempts,
         wait_ms = wait.as_millis() as u64,
-        estimate = cold.estimate,
+        estimate = estimate,
         "model is loading; waiting before retrying"
     );
     if let Some(hook) = &config.on_retry {
         hook(&event);
     }
     Some(wait)
+}
+
+/// A number in [0, 1) from std's randomly keyed hasher: enough to spread
+/// retries, with no dependency.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {

@@ -56,6 +56,8 @@ pub(crate) struct Snapshot {
     pub(crate) head: response::Parts,
     pub(crate) body: Vec<Bytes>,
     pub(crate) trailers: Option<HeaderMap>,
+    // How the next request for this model asks the server to hold it.
+    pub(crate) hold: crate::classifier::Hold,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -182,6 +184,7 @@ mod tests {
             head,
             body: Vec::new(),
             trailers: None,
+            hold: crate::classifier::Hold::None,
         })
     }
 

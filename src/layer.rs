@@ -25,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) on_retry: Option<RetryHook>,
     // Shared by every service this layer makes (and their clones).
     pub(crate) registry: Arc<Registry>,
+    pub(crate) classifier: crate::classifier::Shared,
+    pub(crate) jitter: bool,
 }
 
 impl Config {
@@ -47,6 +49,8 @@ impl Default for Config {
             wait_for_model: true,
             on_retry: None,
             registry: Arc::default(),
+            classifier: crate::classifier::Shared::default(),
+            jitter: true,
         }
     }
 }
@@ -64,6 +68,8 @@ impl fmt::Debug for Config {
                 "on_retry",
                 &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
             )
+            .field("classifier", &self.classifier)
+            .field("jitter", &self.jitter)
             .finish()
     }
 }
@@ -147,6 +153,26 @@ impl ColdStartRetryLayer {
     /// Default: `true`.
     pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
         Arc::make_mut(&mut self.config).wait_for_model = wait_for_model;
+        self
+    }
+
+    /// Which responses are cold starts, what wait they hint, and how retries
+    /// ask the server to hold them: see [`classifier`](crate::classifier).
+    ///
+    /// Default: [`HuggingFace`](crate::classifier::HuggingFace).
+    pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
+        Arc::make_mut(&mut self.config).classifier =
+            crate::classifier::Shared(Arc::new(classifier));
+        self
+    }
+
+    /// Whether every computed wait is shortened by a random 0–20% (backoff
+    /// waits by up to 50%), so that many clients do not retry in step. The
+    /// 1 s floor and the budget still apply.
+    ///
+    /// Default: `true`.
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        Arc::make_mut(&mut self.config).jitter = jitter;
         self
     }
 

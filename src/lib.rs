@@ -56,7 +56,8 @@
 //! assert_eq!(response.status(), 200);
 //! let report = *response.extensions().get::<ColdStartReport>().unwrap();
 //! assert_eq!(report.attempts(), 2);
-//! assert_eq!(report.waited().as_secs(), 20);
+//! // `estimated_time` was 20 s, less up to 20% jitter.
+//! assert!((16..=20).contains(&report.waited().as_secs()));
 //! let body = response.into_body().collect().await?.to_bytes();
 //! assert_eq!(&body[..], br#"[{"generated_text":"Hello"}]"#);
 //! # Ok(())
@@ -72,7 +73,9 @@
 //!   copied. A larger body is streamed once, intact, and never retried. A
 //!   request body that fails while it is read fails the call with that error,
 //!   and nothing is sent.
-//! - **Classification.** A response is a cold start when its status is `503`
+//! - **Classification.** With the default [`HuggingFace`](classifier::HuggingFace)
+//!   classifier (see [`classifier`] for Inference Endpoints, TGI, `Retry-After`
+//!   and your own), a response is a cold start when its status is `503`
 //!   and its body is a JSON object whose `error` string contains
 //!   `is currently loading`. A request that asked the server to hold it
 //!   (`x-wait-for-model`) and came back `500` with `Model too busy` (the
@@ -88,8 +91,10 @@
 //!   negative, NaN, infinite or non-numeric value means
 //!   [`default_wait`](ColdStartRetryLayer::default_wait). No sleep is shorter
 //!   than one second (unless `max_wait` is), so `"estimated_time": 0` cannot
-//!   cause a busy loop. Retries carry `x-wait-for-model: true` (see
-//!   [`wait_for_model`](ColdStartRetryLayer::wait_for_model)).
+//!   cause a busy loop. Every wait is shortened by a random 0–20%
+//!   ([`jitter`](ColdStartRetryLayer::jitter), on by default) so that many
+//!   clients do not retry in step. Retries carry `x-wait-for-model: true`
+//!   (see [`wait_for_model`](ColdStartRetryLayer::wait_for_model)).
 //! - **Bounds.** No attempt starts, and no sleep runs, later than
 //!   [`max_total_wait`](ColdStartRetryLayer::max_total_wait) after the first
 //!   loading response, and at most
@@ -143,6 +148,7 @@
 )]
 
 mod body;
+pub mod classifier;
 mod classify;
 pub mod future;
 mod gate;

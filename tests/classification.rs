@@ -19,7 +19,7 @@ const MODEL: &str = "/models/gpt2";
 async fn one_call(model: Model) -> (HfServer, Response<Bytes>) {
     let server = HfServer::start([(MODEL, model)]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let request = Request::post(server.url(MODEL))
         .body(Full::new(Bytes::from_static(b"{\"inputs\":\"x\"}")))
@@ -194,7 +194,7 @@ async fn call_chunked(
     frames: Vec<Result<Frame<Bytes>, std::io::Error>>,
 ) -> Response<tower_cold_start::ResponseBody<Chunks>> {
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().max_attempts(3))
+        .layer(ColdStartRetryLayer::new().jitter(false).max_attempts(3))
         .service(chunked_503(frames));
     client
         .oneshot(
@@ -327,7 +327,7 @@ async fn a_503_body_that_trickles_is_handed_on_after_five_seconds_with_every_byt
     let body = br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#;
     let addr = trickling_server(body).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let start = tokio::time::Instant::now();
     let response = client

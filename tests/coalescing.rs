@@ -47,7 +47,7 @@ async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
     // model; 99 more arrive while it waits.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = client(ColdStartRetryLayer::new().jitter(false));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(caller(client.clone(), server.url(MODEL), 0));
@@ -97,7 +97,7 @@ async fn callers_that_meet_the_cold_model_together_retry_once_each_not_each_on_a
         Model::cold_with(Duration::from_secs(10), 20.0, false),
     )])
     .await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = client(ColdStartRetryLayer::new().jitter(false));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         tasks.spawn(caller(client.clone(), server.url(MODEL), i));
@@ -126,7 +126,11 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
         Model::cold_with(Duration::from_secs(100), 30.0, false),
     )])
     .await;
-    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(300)));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .jitter(false)
+            .max_total_wait(Duration::from_secs(300)),
+    );
     let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let waiter = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
@@ -146,7 +150,7 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
 async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = client(ColdStartRetryLayer::new().jitter(false));
     let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dropped = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
@@ -166,7 +170,11 @@ async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected(
 #[tokio::test(start_paused = true)]
 async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(50)));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .jitter(false)
+            .max_total_wait(Duration::from_secs(50)),
+    );
     let start = Instant::now();
     let first = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -194,7 +202,7 @@ async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
 async fn a_model_warm_again_goes_straight_upstream() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 2.0, false))]).await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = client(ColdStartRetryLayer::new().jitter(false));
     assert_eq!(caller(client.clone(), server.url(MODEL), 0).await.0, 200);
     let before = server.count();
     let start = Instant::now();

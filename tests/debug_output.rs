@@ -34,6 +34,7 @@ async fn debug_output_of_every_public_type_shows_no_header_value_or_body_byte() 
     let mut client = ServiceBuilder::new()
         .layer(
             ColdStartRetryLayer::new()
+                .jitter(false)
                 .max_attempts(2)
                 .on_retry(move |e| sink.lock().unwrap().push(format!("{e:?}"))),
         )

@@ -107,7 +107,7 @@ async fn call(
     addr: std::net::SocketAddr,
 ) -> http::Response<tower_cold_start::ResponseBody<hyper::body::Incoming>> {
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     client
         .oneshot(
@@ -220,7 +220,7 @@ async fn a_compressed_loading_503_is_not_decoded_and_arrives_as_sent() {
 async fn a_server_that_closes_without_answering_is_an_error_after_one_request() {
     let (addr, count) = scripted(vec![Step::Close]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let result = client
         .oneshot(
@@ -245,7 +245,7 @@ async fn dropping_the_call_while_a_503_body_is_read_sends_nothing_more() {
     ])
     .await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let call = client.oneshot(
         Request::post(format!("http://{addr}/"))

@@ -67,7 +67,7 @@ async fn each_wait_is_traced_and_given_to_the_hook_without_header_values() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().on_retry(move |e| {
+        .layer(ColdStartRetryLayer::new().jitter(false).on_retry(move |e| {
             sink.lock().unwrap().push((
                 e.uri().to_string(),
                 e.model().map(str::to_owned),
@@ -144,7 +144,7 @@ async fn each_wait_is_traced_and_given_to_the_hook_without_header_values() {
 
 #[test]
 fn debug_output_never_shows_the_hook_or_header_values() {
-    let layer = ColdStartRetryLayer::new().on_retry(|_| {});
+    let layer = ColdStartRetryLayer::new().jitter(false).on_retry(|_| {});
     let text = format!("{layer:?}");
     assert!(text.contains("max_total_wait: 120s"), "{text}");
     assert!(

@@ -47,7 +47,7 @@ fn run(body: Vec<u8>, cuts: Vec<usize>, trailers: bool) -> (Seen, u32) {
         }
     });
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().body_limit(LIMIT))
+        .layer(ColdStartRetryLayer::new().jitter(false).body_limit(LIMIT))
         .service(backend);
 
     let mut frames = Vec::new();

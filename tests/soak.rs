@@ -92,7 +92,7 @@ fn a_hundred_thousand_requests_from_five_hundred_tasks_are_all_accounted_for() {
 
         let client = ServiceBuilder::new()
             .layer(
-                ColdStartRetryLayer::new()
+                ColdStartRetryLayer::new().jitter(false)
                     .max_wait(Duration::from_millis(5))
                     .max_total_wait(Duration::from_millis(300))
                     .max_attempts(3),

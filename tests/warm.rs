@@ -29,7 +29,7 @@ async fn warm_up_resolves_when_the_model_answers_warm() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
@@ -59,7 +59,11 @@ async fn warm_up_calls_again_when_the_layer_budget_ends_first() {
     )])
     .await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(30)))
+        .layer(
+            ColdStartRetryLayer::new()
+                .jitter(false)
+                .max_total_wait(Duration::from_secs(30)),
+        )
         .service(http1());
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
     let WarmUp::Warm { calls, .. } = outcome else {
@@ -72,7 +76,7 @@ async fn warm_up_calls_again_when_the_layer_budget_ends_first() {
 async fn warm_up_times_out_at_its_deadline() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(45)).await;
@@ -92,7 +96,7 @@ async fn warm_up_stops_at_once_on_an_answer_waiting_cannot_fix() {
     )])
     .await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
@@ -108,7 +112,7 @@ async fn warm_up_stops_at_once_on_an_answer_waiting_cannot_fix() {
 async fn keep_warm_pings_at_its_interval_without_overlap_and_stops_when_dropped() {
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let schedule = KeepWarmSchedule::new()
         .interval(Duration::from_secs(60))
@@ -131,7 +135,7 @@ async fn keep_warm_pings_at_its_interval_without_overlap_and_stops_when_dropped(
 async fn keep_warm_jitters_within_ten_percent() {
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let keep = KeepWarm::spawn(client, ping(server.url(MODEL)), KeepWarmSchedule::new());
     tokio::time::sleep(Duration::from_secs(15 * 60 * 20)).await;
@@ -157,7 +161,7 @@ async fn keep_warm_logs_failures_and_carries_on() {
     drop(listener);
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
     let good = server.url(MODEL);
     let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

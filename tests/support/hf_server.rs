@@ -22,6 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+/// A canned answer: status, headers, body.
+pub type Canned = (u16, Vec<(&'static str, String)>, Bytes);
+
 /// How a model path answers.
 #[derive(Clone, Debug)]
 pub enum Model {
@@ -43,6 +46,12 @@ pub enum Model {
     /// every `every`-th), 200 to the others: a model that keeps being
     /// unloaded, for load tests.
     Flaky { every: usize, estimate: String },
+    /// Answers these, one per request, then 200 (echo or the set answer).
+    Sequence(Vec<Canned>),
+    /// An Inference Endpoint scaled to zero: `status` (503 or 502) until
+    /// `ready_after` since its first request; a request carrying
+    /// `X-Scale-Up-Timeout: N` is held until ready if that is within N s.
+    Endpoint { ready_after: Duration, status: u16 },
     /// Always answers this.
     Fixed {
         status: StatusCode,
@@ -254,6 +263,42 @@ impl HfServer {
                 response
             }
             Some(Model::NeverLoads { estimate }) => loading(model_id, estimate.as_deref()),
+            Some(Model::Sequence(steps)) => match steps.get(nth - 1) {
+                Some((status, headers, body)) => {
+                    let mut response = Response::new(Full::new(body.clone()));
+                    *response.status_mut() = StatusCode::from_u16(*status).unwrap();
+                    for (name, value) in headers {
+                        response.headers_mut().append(*name, value.parse().unwrap());
+                    }
+                    response
+                }
+                None => ok(body),
+            },
+            Some(Model::Endpoint {
+                ready_after,
+                status,
+            }) => {
+                let ready_at = first_seen + ready_after;
+                if now >= ready_at {
+                    return ok(body);
+                }
+                let hold = parts
+                    .headers
+                    .get("x-scale-up-timeout")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                if let Some(secs) = hold {
+                    if ready_at <= now + Duration::from_secs(secs) {
+                        tokio::time::sleep_until(ready_at).await;
+                        return ok(body);
+                    }
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                }
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "text/plain")
+                    .body(Full::new(Bytes::from_static(b"Service Unavailable")))
+                    .unwrap()
+            }
             Some(Model::Flaky { every, estimate }) => {
                 if (nth - 1) % every.max(1) == 0 {
                     loading(model_id, Some(&estimate))
