@@ -241,6 +241,13 @@ impl<A: Classify, B: Classify> Classify for Or<A, B> {
 /// HTTP/1.1 503 Service Unavailable
 /// {"error":"Model gpt2 is currently loading","estimated_time":20.0}
 /// ```
+///
+/// ```
+/// use tower_cold_start::classifier::HuggingFace;
+/// use tower_cold_start::ColdStartRetryLayer;
+/// // The same as `ColdStartRetryLayer::new()`.
+/// let layer = ColdStartRetryLayer::new().classifier(HuggingFace);
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HuggingFace;
 

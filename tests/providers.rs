@@ -34,15 +34,6 @@ async fn call(server: &HfServer, layer: ColdStartRetryLayer) -> (u16, Bytes, u32
     (status, body, attempts)
 }
 
-fn offsets(server: &HfServer) -> Vec<f64> {
-    let received = server.received();
-    let first = received[0].at;
-    received
-        .iter()
-        .map(|r| (r.at - first).as_secs_f64())
-        .collect()
-}
-
 #[tokio::test(start_paused = true)]
 async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
     let server = HfServer::start([(
@@ -87,7 +78,7 @@ async fn inference_endpoints_retry_a_502_from_an_older_proxy_after_retry_after()
         .classifier(InferenceEndpoints);
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
-    assert_eq!(offsets(&server), [0.0, 7.0]);
+    assert_eq!(server.offsets(), [0.0, 7.0]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -124,7 +115,7 @@ async fn tgi_overload_backs_off_exponentially() {
         .classifier(TgiOverloaded);
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 4));
-    assert_eq!(offsets(&server), [0.0, 1.0, 3.0, 7.0], "1 s, 2 s, 4 s");
+    assert_eq!(server.offsets(), [0.0, 1.0, 3.0, 7.0], "1 s, 2 s, 4 s");
     assert!(server
         .received()
         .iter()
@@ -137,7 +128,7 @@ async fn tgi_backoff_with_jitter_stays_within_half_to_full_steps() {
     let layer = ColdStartRetryLayer::new().classifier(TgiOverloaded);
     let (status, _, _) = call(&server, layer).await;
     assert_eq!(status, 200);
-    let at = offsets(&server);
+    let at = server.offsets();
     let gaps: Vec<f64> = at.windows(2).map(|w| w[1] - w[0]).collect();
     for (i, gap) in gaps.iter().enumerate() {
         let step = 2f64.powi(i as i32);
@@ -178,7 +169,7 @@ async fn retry_after_seconds_on_a_503_and_a_429() {
             .classifier(RetryAfter::new());
         let (got, _, attempts) = call(&server, layer).await;
         assert_eq!((got, attempts), (200, 2), "{status}");
-        assert_eq!(offsets(&server), [0.0, 12.0], "{status}");
+        assert_eq!(server.offsets(), [0.0, 12.0], "{status}");
     }
 }
 
@@ -201,7 +192,7 @@ async fn retry_after_dates_follow_the_server_clock_not_ours() {
         .classifier(RetryAfter::new());
     let (status, _, _) = call(&server, layer).await;
     assert_eq!(status, 200);
-    assert_eq!(offsets(&server), [0.0, 30.0]);
+    assert_eq!(server.offsets(), [0.0, 30.0]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -225,7 +216,7 @@ async fn retry_after_dates_in_the_past_and_absurd_delays_stay_in_bounds() {
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 3));
     // A past date: the 1 s floor. An absurd delay: max_wait (60 s).
-    assert_eq!(offsets(&server), [0.0, 1.0, 61.0]);
+    assert_eq!(server.offsets(), [0.0, 1.0, 61.0]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -285,7 +276,7 @@ async fn huggingface_or_retry_after_covers_both_and_keeps_each_hold() {
         .classifier(HuggingFace.or(RetryAfter::new()));
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 3));
-    assert_eq!(offsets(&server), [0.0, 4.0, 6.0]);
+    assert_eq!(server.offsets(), [0.0, 4.0, 6.0]);
     let received = server.received();
     assert_eq!(
         received[1].headers["x-wait-for-model"], "true",
@@ -316,7 +307,7 @@ async fn a_closure_classifies() {
     );
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
-    assert_eq!(offsets(&server), [0.0, 3.0]);
+    assert_eq!(server.offsets(), [0.0, 3.0]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -35,16 +35,6 @@ async fn call(
     (http::Response::from_parts(parts, body), report)
 }
 
-/// Seconds between the first request and each later one, as the server saw them.
-fn offsets(server: &HfServer) -> Vec<f64> {
-    let received = server.received();
-    let first = received[0].at;
-    received
-        .iter()
-        .map(|r| (r.at - first).as_secs_f64())
-        .collect()
-}
-
 fn secs(v: &[f64]) -> Vec<u64> {
     v.iter().map(|s| s.round() as u64).collect()
 }
@@ -70,7 +60,7 @@ async fn sleeps_estimated_time_then_retries_with_the_hold_header() {
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
     let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(secs(&offsets(&server)), [0, 20]);
+    assert_eq!(secs(&server.offsets()), [0, 20]);
     let received = server.received();
     assert_eq!(received[0].headers.get("x-wait-for-model"), None);
     assert_eq!(received[1].headers["x-wait-for-model"], "true");
@@ -105,7 +95,7 @@ async fn without_the_hold_header_a_slow_model_takes_another_round() {
     )
     .await;
     assert_eq!(response.status(), 200);
-    assert_eq!(secs(&offsets(&server)), [0, 20, 40]);
+    assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert!(server
         .received()
         .iter()
@@ -143,7 +133,7 @@ async fn a_large_estimate_is_capped_by_max_wait() {
     .await;
     let (response, _) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(secs(&offsets(&server)), [0, 60]);
+    assert_eq!(secs(&server.offsets()), [0, 60]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -154,7 +144,7 @@ async fn fractional_estimates_are_followed_to_the_millisecond() {
     )])
     .await;
     let (_, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
-    let at = offsets(&server)[1];
+    let at = server.offsets()[1];
     assert!((at - 32.137).abs() < 0.002, "retry at {at}");
     assert_eq!(report.waited().as_millis(), 32137);
 }
@@ -184,7 +174,7 @@ async fn unusable_estimates_mean_the_default_wait() {
             .default_wait(Duration::from_secs(7));
         let (response, report) = call(layer, &server, MODEL).await;
         assert_eq!(response.status(), 200, "{estimate:?}");
-        assert_eq!(secs(&offsets(&server)), [0, 7], "{estimate:?}");
+        assert_eq!(secs(&server.offsets()), [0, 7], "{estimate:?}");
         assert_eq!(report.waited(), Duration::from_secs(7), "{estimate:?}");
     }
 }
@@ -198,7 +188,7 @@ async fn an_absurd_estimate_means_the_cap() {
         .max_wait(Duration::from_secs(45));
     let (response, _) = call(layer, &server, MODEL).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(secs(&offsets(&server)), [0, 45]);
+    assert_eq!(secs(&server.offsets()), [0, 45]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -211,7 +201,7 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
         let (response, report) = call(layer, &server, MODEL).await;
         assert_eq!(response.status(), 503);
         // One request a second: at 0, 1, 2, 3, 4 and 5 s.
-        assert_eq!(secs(&offsets(&server)), [0, 1, 2, 3, 4, 5], "{estimate}");
+        assert_eq!(secs(&server.offsets()), [0, 1, 2, 3, 4, 5], "{estimate}");
         assert_eq!(report.attempts(), 6);
     }
 }
@@ -226,7 +216,7 @@ async fn max_attempts_bounds_the_requests_and_returns_the_last_503_as_sent() {
     )
     .await;
     assert_eq!(server.count(), 3);
-    assert_eq!(secs(&offsets(&server)), [0, 20, 40]);
+    assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["content-type"], "application/json");
     assert_eq!(response.headers()["x-request-id"], "Ab3dE5gH7jK9mN1pQ3sT5");
@@ -252,7 +242,7 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
         .max_total_wait(Duration::from_secs(50));
     let (response, report) = call(layer, &server, MODEL).await;
     // Sleeps of 20, 20, then the 10 s left; nothing after 50 s.
-    assert_eq!(secs(&offsets(&server)), [0, 20, 40, 50]);
+    assert_eq!(secs(&server.offsets()), [0, 20, 40, 50]);
     assert_eq!(start.elapsed(), Duration::from_secs(50));
     assert_eq!(response.status(), 503);
     assert_eq!(response.body(), &loading_body(&MODEL[8..], Some("20.0")));
@@ -334,7 +324,7 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
     let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(100));
-    assert_eq!(secs(&offsets(&server)), [0, 20, 81]);
+    assert_eq!(secs(&server.offsets()), [0, 20, 81]);
     assert_eq!(report.attempts(), 3);
     assert_eq!(report.waited(), Duration::from_secs(21));
 }

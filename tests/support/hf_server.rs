@@ -183,6 +183,19 @@ impl HfServer {
         self.state.lock().unwrap().received.clone()
     }
 
+    /// Seconds from the first request to each request, as the server saw
+    /// them.
+    pub fn offsets(&self) -> Vec<f64> {
+        let received = self.received();
+        let Some(first) = received.first().map(|r| r.at) else {
+            return Vec::new();
+        };
+        received
+            .iter()
+            .map(|r| (r.at - first).as_secs_f64())
+            .collect()
+    }
+
     /// How many requests were received so far.
     pub fn count(&self) -> usize {
         self.state.lock().unwrap().count
