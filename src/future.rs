@@ -244,7 +244,9 @@ impl<S> Call<S> {
             let registry = &self.config.registry;
             self.key = match (&self.parts, &self.head) {
                 (Some(parts), _) => Some(registry.key(&parts.uri)),
-                (None, Some(head)) => Some(registry.key(&head.uri())),
+                (None, Some(head)) => head
+                    .uri_parts()
+                    .map(|(scheme, authority, path)| registry.key_of(scheme, authority, path)),
                 (None, None) => None,
             };
         }

@@ -75,11 +75,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Registry {
     /// The key of a request: its scheme, authority and path.
     pub(crate) fn key(&self, uri: &Uri) -> u64 {
-        self.hasher.hash_one((
+        self.key_of(
             uri.scheme_str(),
             uri.authority().map(|a| a.as_str()),
-            uri.path(),
-        ))
+            uri.path_and_query().map(|p| p.path()),
+        )
+    }
+
+    /// The key from the URI's parts, as [`Head`](crate::head::Head) keeps
+    /// them (so that no URI is rebuilt to find it).
+    pub(crate) fn key_of(
+        &self,
+        scheme: Option<&str>,
+        authority: Option<&str>,
+        path: Option<&str>,
+    ) -> u64 {
+        self.hasher.hash_one((scheme, authority, path))
     }
 
     /// Whether any model is cold: one relaxed load, the warm path's only cost.

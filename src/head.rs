@@ -77,6 +77,34 @@ impl Head {
         Some(parts)
     }
 
+    /// The URI's scheme, authority and path (without the query), read from
+    /// the copy without rebuilding anything.
+    pub(crate) fn uri_parts(&self) -> Option<(Option<&str>, Option<&str>, Option<&str>)> {
+        let mut rest: &[u8] = &self.encoded;
+        let mut next = || -> Option<Option<&str>> {
+            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+            rest = &rest[4..];
+            if len == NONE {
+                return Some(None);
+            }
+            let len = len as usize;
+            if rest.len() < len {
+                return None;
+            }
+            let (part, tail) = rest.split_at(len);
+            rest = tail;
+            Some(Some(std::str::from_utf8(part).ok()?))
+        };
+        let scheme = next()?;
+        let authority = next()?;
+        // As `PathAndQuery::path` does: the part before `?`, "/" if empty.
+        let path = next()?.map(|p| match p.split_once('?').map_or(p, |(path, _)| path) {
+            "" => "/",
+            path => path,
+        });
+        Some((scheme, authority, path))
+    }
+
     /// The request's URI, rebuilt (for reports on the cold path).
     pub(crate) fn uri(&self) -> Uri {
         decode_uri(&mut self.encoded.clone()).unwrap_or_default()
@@ -205,6 +233,30 @@ mod tests {
                 .unwrap()
                 .into_parts();
             assert_same(&parts, &round_trip(&parts));
+        }
+    }
+
+    #[test]
+    fn the_registry_key_is_the_same_from_the_uri_and_from_the_copy() {
+        let registry = crate::gate::Registry::default();
+        for uri in [
+            "https://api.example.com/models/a?x=1",
+            "http://h",
+            "http://h?x",
+            "/models/gpt2",
+            "/",
+            "*",
+            "example.com:443",
+            "https://h/a%20b/?",
+        ] {
+            let (parts, ()) = Request::get(uri).body(()).unwrap().into_parts();
+            let head = Head::copy(&parts);
+            let (scheme, authority, path) = head.uri_parts().unwrap();
+            assert_eq!(
+                registry.key(&parts.uri),
+                registry.key_of(scheme, authority, path),
+                "{uri}"
+            );
         }
     }
 

@@ -211,3 +211,39 @@ async fn a_model_warm_again_goes_straight_upstream() {
     assert!(at - start < Duration::from_millis(10));
     assert_eq!(server.count(), before + 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_answer_to_a_request_already_in_flight_releases_the_waiters() {
+    // Ready at 30 s. Caller A asks to be held from its first request and is
+    // answered at 30 s. Caller B meets the cold model at 1 s and probes on a
+    // 60 s estimate; caller C waits for B's probe. A's answer releases C at
+    // 30 s, long before B's probe would.
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(30), 60.0, true))]).await;
+    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let start = Instant::now();
+    let a = {
+        let client = client.clone();
+        let url = server.url(MODEL);
+        tokio::spawn(async move {
+            let request = Request::post(url)
+                .header("x-wait-for-model", "true")
+                .body(Full::new(Bytes::from_static(b"{\"inputs\":\"a\"}")))
+                .unwrap();
+            client.oneshot(request).await.unwrap().status()
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = tokio::spawn(caller(client.clone(), server.url(MODEL), 2));
+    assert_eq!(a.await.unwrap(), 200);
+    let (status, at, attempts) = c.await.unwrap();
+    assert_eq!((status, attempts), (200, 1));
+    assert!(
+        at - start - Duration::from_secs(30) < Duration::from_millis(50),
+        "{:?}",
+        at - start
+    );
+    assert_eq!(b.await.unwrap().0, 200);
+}
