@@ -164,7 +164,7 @@ pub use layer::ColdStartRetryLayer;
 pub use replay::RequestBody;
 pub use report::{ColdStartReport, RetryEvent};
 pub use service::ColdStartRetry;
-pub use warm::{warm_up, KeepWarm, KeepWarmSchedule, WarmUp};
+pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUp};
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

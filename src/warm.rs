@@ -138,6 +138,48 @@ where
     }
 }
 
+/// Keeps a model warm: the same as [`KeepWarm::spawn`], named to pair with
+/// [`warm_up`].
+///
+/// ```
+/// # use std::convert::Infallible;
+/// # use bytes::Bytes;
+/// # use http::{Request, Response};
+/// # use http_body_util::Full;
+/// use tower_cold_start::{keep_warm, KeepWarmSchedule};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// # let client = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+/// #     Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+/// # });
+/// let handle = keep_warm(
+///     client,
+///     || Request::post("http://127.0.0.1:8080/models/gpt2")
+///         .body(Full::new(Bytes::from_static(br#"{"inputs":"ping"}"#)))
+///         .unwrap(),
+///     KeepWarmSchedule::new(),
+/// );
+/// assert!(handle.is_running());
+/// drop(handle); // stops the pings
+/// # }
+/// ```
+pub fn keep_warm<S, ReqBody, ResBody, F>(
+    service: S,
+    request: F,
+    schedule: KeepWarmSchedule,
+) -> KeepWarm
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    F: Fn() -> Request<ReqBody> + Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    KeepWarm::spawn(service, request, schedule)
+}
+
 /// A background task that keeps a model warm by sending it a request at an
 /// interval; see [`KeepWarm::spawn`].
 ///
