@@ -124,6 +124,9 @@ pub enum Hint {
     Default,
 }
 
+/// The header that asks HuggingFace to hold a request until the model is loaded.
+pub(crate) static X_WAIT_FOR_MODEL: HeaderName = HeaderName::from_static("x-wait-for-model");
+
 /// How a retry asks the server to hold it until the model is ready.
 /// `wait_for_model(false)` turns all of them off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,10 +151,7 @@ impl Hold {
         let secs = remaining.as_secs().max(1);
         let (name, value) = match self {
             Hold::None => return,
-            Hold::WaitForModel => (
-                HeaderName::from_static("x-wait-for-model"),
-                HeaderValue::from_static("true"),
-            ),
+            Hold::WaitForModel => (X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true")),
             Hold::ScaleUpTimeout => (
                 HeaderName::from_static("x-scale-up-timeout"),
                 HeaderValue::from(secs),

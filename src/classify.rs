@@ -131,6 +131,15 @@ pub(crate) fn parse_loading_body(body: &[u8]) -> Option<ColdStart> {
     })
 }
 
+/// A number in [0, 1) from std's randomly keyed hasher (fresh keys on every
+/// call): enough to spread retries and pings, with no dependency.
+pub(crate) fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// The bounds that shape one wait.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WaitBounds {

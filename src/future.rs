@@ -7,7 +7,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::HeaderName;
 use http::{request, response, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -16,16 +15,13 @@ use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::End;
-use crate::classifier::{ColdStart, Hint, Hold, ResponseParts};
+use crate::classifier::{ColdStart, Hint, Hold, ResponseParts, X_WAIT_FOR_MODEL};
 use crate::classify::{self, PEEK_LIMIT, PEEK_TIMEOUT};
 use crate::gate::{Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
 use crate::replay::{self, Buffered, Buffering, Plan, Reader};
 use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent};
-
-/// The header that asks HuggingFace to hold a request until the model is loaded.
-static X_WAIT_FOR_MODEL: HeaderName = HeaderName::from_static("x-wait-for-model");
 
 pin_project! {
     /// Response future of [`ColdStartRetry`](crate::ColdStartRetry).
@@ -682,7 +678,7 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         Hint::Estimate(secs) => Some(secs),
         _ => None,
     };
-    let jitter = config.jitter.then(random_unit);
+    let jitter = config.jitter.then(classify::random_unit);
     let wait = classify::planned_wait(
         cold.hint,
         call.attempts,
@@ -711,15 +707,6 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         hook(&event);
     }
     Some(wait)
-}
-
-/// A number in [0, 1) from std's randomly keyed hasher: enough to spread
-/// retries, with no dependency.
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {

@@ -8,7 +8,6 @@
 //! into one buffer (one allocation), and rebuilds a `Parts` only when a retry
 //! is actually sent.
 
-use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{request, Extensions, HeaderMap, Method, Request, Uri, Version};
@@ -18,7 +17,7 @@ pub(crate) struct Head {
     method: Method,
     version: Version,
     extensions: Extensions,
-    encoded: Bytes,
+    encoded: Box<[u8]>,
 }
 
 /// Marks an absent URI component.
@@ -50,22 +49,22 @@ impl Head {
             method: parts.method.clone(),
             version: parts.version,
             extensions: parts.extensions.clone(),
-            encoded: Bytes::from(buf),
+            encoded: buf.into_boxed_slice(),
         }
     }
 
     /// Rebuilds the request head. `None` only if a part no longer parses,
     /// which a head built through `http`'s safe constructors cannot cause.
     pub(crate) fn rebuild(&self) -> Option<request::Parts> {
-        let mut rest = self.encoded.clone();
-        let uri = decode_uri(&mut rest)?;
+        let (uri, mut rest) = self.raw_uri()?;
+        let uri = build_uri(uri)?;
         let mut headers = HeaderMap::new();
         while !rest.is_empty() {
-            let name = HeaderName::from_bytes(&take(&mut rest)?).ok()?;
-            let mut value = HeaderValue::from_maybe_shared(take(&mut rest)?).ok()?;
-            let sensitive = *rest.first()?;
-            rest = rest.slice(1..);
-            value.set_sensitive(sensitive == 1);
+            let name = HeaderName::from_bytes(take(&mut rest)??).ok()?;
+            let mut value = HeaderValue::from_bytes(take(&mut rest)??).ok()?;
+            let (sensitive, tail) = rest.split_first()?;
+            rest = tail;
+            value.set_sensitive(*sensitive == 1);
             headers.append(name, value);
         }
         let (mut parts, ()) = Request::new(()).into_parts();
@@ -80,25 +79,9 @@ impl Head {
     /// The URI's scheme, authority and path (without the query), read from
     /// the copy without rebuilding anything.
     pub(crate) fn uri_parts(&self) -> Option<(Option<&str>, Option<&str>, Option<&str>)> {
-        let mut rest: &[u8] = &self.encoded;
-        let mut next = || -> Option<Option<&str>> {
-            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
-            rest = &rest[4..];
-            if len == NONE {
-                return Some(None);
-            }
-            let len = len as usize;
-            if rest.len() < len {
-                return None;
-            }
-            let (part, tail) = rest.split_at(len);
-            rest = tail;
-            Some(Some(std::str::from_utf8(part).ok()?))
-        };
-        let scheme = next()?;
-        let authority = next()?;
+        let ([scheme, authority, path], _) = self.raw_uri()?;
         // As `PathAndQuery::path` does: the part before `?`, "/" if empty.
-        let path = next()?.map(|p| match p.split_once('?').map_or(p, |(path, _)| path) {
+        let path = path.map(|p| match p.split_once('?').map_or(p, |(path, _)| path) {
             "" => "/",
             path => path,
         });
@@ -107,23 +90,36 @@ impl Head {
 
     /// The request's URI, rebuilt (for reports on the cold path).
     pub(crate) fn uri(&self) -> Uri {
-        decode_uri(&mut self.encoded.clone()).unwrap_or_default()
+        self.raw_uri()
+            .and_then(|(uri, _)| build_uri(uri))
+            .unwrap_or_default()
+    }
+
+    /// The URI's scheme, authority and path-and-query as written, and what
+    /// follows them (the headers).
+    fn raw_uri(&self) -> Option<([Option<&str>; 3], &[u8])> {
+        let mut rest: &[u8] = &self.encoded;
+        let mut part = || -> Option<Option<&str>> {
+            match take(&mut rest)? {
+                Some(p) => Some(Some(std::str::from_utf8(p).ok()?)),
+                None => Some(None),
+            }
+        };
+        let parts = [part()?, part()?, part()?];
+        Some((parts, rest))
     }
 }
 
-fn decode_uri(rest: &mut Bytes) -> Option<Uri> {
-    let scheme = take_opt(rest)?;
-    let authority = take_opt(rest)?;
-    let path = take_opt(rest)?;
+fn build_uri([scheme, authority, path]: [Option<&str>; 3]) -> Option<Uri> {
     let mut uri = Uri::builder();
     if let Some(scheme) = scheme {
-        uri = uri.scheme(Scheme::try_from(&scheme[..]).ok()?);
+        uri = uri.scheme(Scheme::try_from(scheme).ok()?);
     }
     if let Some(authority) = authority {
-        uri = uri.authority(Authority::from_maybe_shared(authority).ok()?);
+        uri = uri.authority(Authority::try_from(authority).ok()?);
     }
     if let Some(path) = path {
-        uri = uri.path_and_query(PathAndQuery::from_maybe_shared(path).ok()?);
+        uri = uri.path_and_query(PathAndQuery::try_from(path).ok()?);
     }
     uri.build().ok()
 }
@@ -142,30 +138,18 @@ fn put_opt(buf: &mut Vec<u8>, part: Option<&str>) {
     }
 }
 
-fn take_len(rest: &mut Bytes) -> Option<u32> {
+/// Reads one length-prefixed field: `Some(None)` for an absent one, `None`
+/// when the buffer is cut short.
+fn take<'a>(rest: &mut &'a [u8]) -> Option<Option<&'a [u8]>> {
     let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
-    *rest = rest.slice(4..);
-    Some(len)
-}
-
-fn take(rest: &mut Bytes) -> Option<Bytes> {
-    let len = take_len(rest)? as usize;
-    if rest.len() < len {
-        return None;
-    }
-    Some(rest.split_to(len))
-}
-
-fn take_opt(rest: &mut Bytes) -> Option<Option<Bytes>> {
-    let len = take_len(rest)?;
+    let tail = &rest[4..];
     if len == NONE {
+        *rest = tail;
         return Some(None);
     }
-    let len = len as usize;
-    if rest.len() < len {
-        return None;
-    }
-    Some(Some(rest.split_to(len)))
+    let field = tail.get(..len as usize)?;
+    *rest = &tail[field.len()..];
+    Some(Some(field))
 }
 
 #[cfg(test)]

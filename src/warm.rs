@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::future::poll_fn;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -238,16 +237,12 @@ impl KeepWarmSchedule {
         self
     }
 
-    fn next_interval(&self, n: u64) -> Duration {
+    fn next_interval(&self) -> Duration {
         if !self.jitter {
             return self.interval;
         }
-        // A fresh random seed per process (std's hasher keys), mixed with the
-        // ping number: no dependency, and replicas differ.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(n);
-        let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-        self.interval.mul_f64(0.9 + 0.2 * unit)
+        self.interval
+            .mul_f64(0.9 + 0.2 * crate::classify::random_unit())
     }
 }
 
@@ -275,7 +270,6 @@ impl KeepWarm {
         ResBody: Send + 'static,
     {
         let task = tokio::spawn(async move {
-            let mut n = 0u64;
             loop {
                 let req = request();
                 let ping = async {
@@ -296,8 +290,7 @@ impl KeepWarm {
                     }
                     Err(_) => tracing::warn!("keep-warm ping timed out"),
                 }
-                n += 1;
-                tokio::time::sleep(schedule.next_interval(n)).await;
+                tokio::time::sleep(schedule.next_interval()).await;
             }
         });
         KeepWarm { task }
