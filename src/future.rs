@@ -16,11 +16,12 @@ use tower_service::Service;
 
 use crate::body::End;
 use crate::classifier::{ColdStart, Hint, Hold, ResponseParts, X_WAIT_FOR_MODEL};
-use crate::classify::{self, PEEK_LIMIT, PEEK_TIMEOUT};
-use crate::gate::{Gate, Probe, Snapshot};
+use crate::classify::{PEEK_LIMIT, PEEK_TIMEOUT};
+use crate::gate::{Company, Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
 use crate::replay::{self, Buffered, Buffering, Plan, Reader};
+use crate::wake::{self, Answer};
 use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent};
 
 pin_project! {
@@ -50,6 +51,9 @@ struct Call<S> {
     attempts: u32,
     // Whether the request in flight asked the server to hold it.
     held: bool,
+    // When the request in flight was sent, if it is a retry or held (the
+    // first request is not timed: the warm path reads no clock).
+    sent: Option<Instant>,
     // Time spent without a request in flight: asleep, or waiting for
     // another caller's probe of the same model.
     waited: Duration,
@@ -58,8 +62,9 @@ struct Call<S> {
     // The latest loading response seen, returned as it came if the budget
     // runs out before the next attempt is sent.
     last: Option<Arc<Snapshot>>,
-    // The model's key in the shared registry, once needed.
-    key: Option<u64>,
+    // The model's key in the shared registry, once needed (`Some(None)`:
+    // the user's key function gave none, so this call is not coalesced).
+    key: Option<Option<u64>>,
     // Held while this call is the one probing a cold model.
     probe: Option<Probe>,
 }
@@ -126,6 +131,40 @@ struct Wait {
     wake: Pin<Box<OwnedNotified>>,
     deadline: Pin<Box<Sleep>>,
     started: Instant,
+    // Counts this caller among the probe's company while it waits.
+    _company: Company,
+}
+
+/// A sleep before the next attempt.
+struct Nap {
+    sleep: Pin<Box<Sleep>>,
+    started: Instant,
+    // For the caller probing a cold model: woken when another response shows
+    // the model warm, so that the prober does not sleep past it.
+    wake: Option<(Arc<Gate>, Pin<Box<OwnedNotified>>)>,
+}
+
+impl Nap {
+    /// Whether the nap is over: its time is up, or the model it waits for
+    /// was seen warm (its gate is gone).
+    fn poll_over(&mut self, cx: &mut Context<'_>, config: &Config, key: Option<u64>) -> Poll<()> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let Some((gate, wake)) = &mut self.wake else {
+            return Poll::Pending;
+        };
+        loop {
+            ready!(wake.as_mut().poll(cx));
+            // Listen again before looking, so that no change is missed.
+            *wake = gate.wake_up();
+            match key.and_then(|key| config.registry.gate(key)) {
+                // Woken for something else (a probe given back).
+                Some(current) if Arc::ptr_eq(&current, gate) => {}
+                _ => return Poll::Ready(()),
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -152,8 +191,7 @@ pin_project! {
         },
         // Sleeping before the next attempt.
         Sleeping {
-            sleep: Pin<Box<Sleep>>,
-            started: Instant,
+            nap: Box<Nap>,
         },
         // Waiting for another caller's probe of the same cold model.
         Waiting {
@@ -194,6 +232,7 @@ where
             body: Buffered::default(),
             attempts: 0,
             held: false,
+            sent: None,
             waited: Duration::ZERO,
             cold_since: None,
             last: None,
@@ -236,17 +275,28 @@ where
 
 impl<S> Call<S> {
     fn registry_key(&mut self) -> Option<u64> {
-        if self.key.is_none() {
-            let registry = &self.config.registry;
-            self.key = match (&self.parts, &self.head) {
-                (Some(parts), _) => Some(registry.key(&parts.uri)),
-                (None, Some(head)) => head
-                    .uri_parts()
-                    .map(|(scheme, authority, path)| registry.key_of(scheme, authority, path)),
-                (None, None) => None,
-            };
+        if let Some(key) = self.key {
+            return key;
         }
-        self.key
+        let registry = &self.config.registry;
+        let key = match (&self.config.model_key, &self.parts, &self.head) {
+            (Some(model_key), Some(parts), _) => {
+                model_key(registry, &parts.uri, &parts.headers, self.body.bytes())
+            }
+            (Some(model_key), None, Some(head)) => {
+                let parts = head.rebuild()?;
+                model_key(registry, &parts.uri, &parts.headers, self.body.bytes())
+            }
+            (None, Some(parts), _) => Some(registry.key(&parts.uri)),
+            (None, None, Some(head)) => head
+                .uri_parts()
+                .map(|(scheme, authority, path)| registry.key_of(scheme, authority, path)),
+            // Sent, and no copy kept: unknown, but maybe later (never, in
+            // fact: the copy is only dropped for the last attempt).
+            (_, None, None) => return None,
+        };
+        self.key = Some(key);
+        key
     }
 
     /// Before an attempt: if the model is known cold, take the probe or wait
@@ -269,7 +319,7 @@ impl<S> Call<S> {
     /// that a probe given back, or the model turning warm, in between is not
     /// missed.
     fn enter(&mut self, mut gate: Arc<Gate>) -> Next {
-        let key = self.key.expect("a gate is entered by key");
+        let key = self.key.flatten().expect("a gate is entered by key");
         let wake = loop {
             let wake = gate.wake_up();
             if let Some(probe) = gate.try_probe() {
@@ -294,6 +344,7 @@ impl<S> Call<S> {
             wake,
             deadline: Box::pin(sleep_until(deadline)),
             started: now,
+            _company: gate.join(),
         }))
     }
 
@@ -360,6 +411,7 @@ impl<S> Call<S> {
         } else {
             Hold::None
         };
+        let retry = self.parts.is_none();
         let mut req = match self.parts.take() {
             Some(parts) => {
                 if self.config.max_attempts > 1 {
@@ -377,6 +429,7 @@ impl<S> Call<S> {
         };
         hold.apply(req.headers_mut(), self.remaining());
         self.held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
+        self.sent = (retry || self.held).then(Instant::now);
         Some(req)
     }
 
@@ -550,11 +603,21 @@ where
                         }
                     }
                     match plan_wait(call, &cold) {
+                        Some(wait) if wait.is_zero() => {
+                            this.state.set(State::Readying { delayed: false });
+                        }
                         Some(wait) => {
-                            let started = Instant::now();
+                            let wake = call.probe.as_ref().map(|probe| {
+                                let gate = Arc::clone(probe.gate());
+                                let wake = gate.wake_up();
+                                (gate, wake)
+                            });
                             this.state.set(State::Sleeping {
-                                sleep: Box::pin(sleep(wait)),
-                                started,
+                                nap: Box::new(Nap {
+                                    sleep: Box::pin(sleep(wait)),
+                                    started: Instant::now(),
+                                    wake,
+                                }),
                             });
                         }
                         None => {
@@ -563,9 +626,9 @@ where
                         }
                     }
                 }
-                StateProj::Sleeping { sleep, started } => {
-                    ready!(sleep.as_mut().poll(cx));
-                    call.waited += started.elapsed();
+                StateProj::Sleeping { nap } => {
+                    ready!(nap.poll_over(cx, &call.config, call.key.flatten()));
+                    call.waited += nap.started.elapsed();
                     this.state.set(State::Readying { delayed: false });
                 }
                 StateProj::Waiting { wait } => {
@@ -577,7 +640,7 @@ where
                     ready!(wait.wake.as_mut().poll(cx));
                     // The probe was given back or the model answered: look
                     // again (the gate may be gone, or a new one may exist).
-                    let key = call.key.expect("a waiting call knows its key");
+                    let key = call.key.flatten().expect("a waiting call knows its key");
                     let gate = call.config.registry.gate(key);
                     match gate {
                         None => {
@@ -678,10 +741,22 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         Hint::Estimate(secs) => Some(secs),
         _ => None,
     };
-    let jitter = config.jitter.then(classify::random_unit);
-    let wait = classify::planned_wait(
-        cold.hint,
-        call.attempts,
+    let jitter = config.jitter.then(crate::classify::random_unit);
+    let answer = Answer {
+        hint: cold.hint,
+        attempt: call.attempts,
+        took: call
+            .sent
+            .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent)),
+        held: call.held,
+        company: call
+            .probe
+            .as_ref()
+            .is_some_and(|probe| probe.gate().has_company()),
+    };
+    let wait = wake::next_wait(
+        config.wake_up,
+        &answer,
         config.wait_bounds(),
         jitter,
         remaining,

@@ -7,13 +7,16 @@
 //! that is not "loading" removes the gate and releases every waiter at once.
 //!
 //! The warm path pays one relaxed atomic load: while no model is cold the
-//! registry is not locked and nothing is allocated.
+//! registry is not locked and nothing is allocated. While some model is cold,
+//! a call for another model pays one more (its key's bucket), and takes the
+//! lock only if a cold model shares that bucket (one chance in 32 per cold
+//! model).
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -21,11 +24,17 @@ use http::{response, HeaderMap, Uri};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
+/// How many buckets the keys of cold models are counted in.
+const BUCKETS: usize = 32;
+
 /// The cold models of one layer.
 #[derive(Default)]
 pub(crate) struct Registry {
     // How many gates exist; zero on the warm path.
     cold: AtomicUsize,
+    // How many gates exist per bucket of keys (`key % BUCKETS`): a model
+    // whose bucket is empty is warm, known without the lock.
+    buckets: [AtomicU32; BUCKETS],
     gates: Mutex<HashMap<u64, Arc<Gate>>>,
     hasher: RandomState,
 }
@@ -42,6 +51,8 @@ impl std::fmt::Debug for Registry {
 pub(crate) struct Gate {
     state: Mutex<GateState>,
     notify: Arc<Notify>,
+    // Callers waiting for the probe: the prober polls faster for company.
+    waiting: AtomicUsize,
 }
 
 struct GateState {
@@ -82,6 +93,11 @@ impl Registry {
         )
     }
 
+    /// The key of a value from a user's key function.
+    pub(crate) fn key_from<K: std::hash::Hash>(&self, key: K) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// The key from the URI's parts, as [`Head`](crate::head::Head) keeps
     /// them (so that no URI is rebuilt to find it).
     pub(crate) fn key_of(
@@ -98,9 +114,19 @@ impl Registry {
         self.cold.load(Ordering::Relaxed) > 0
     }
 
+    fn bucket(&self, key: u64) -> &AtomicU32 {
+        &self.buckets[(key % BUCKETS as u64) as usize]
+    }
+
+    /// Whether the model of `key` may be cold: false, without a lock, for
+    /// every key while no model is cold, and for most keys while some are.
+    fn may_be_cold(&self, key: u64) -> bool {
+        self.any_cold() && self.bucket(key).load(Ordering::Relaxed) > 0
+    }
+
     /// The gate of a cold model, if it is cold.
     pub(crate) fn gate(&self, key: u64) -> Option<Arc<Gate>> {
-        if !self.any_cold() {
+        if !self.may_be_cold(key) {
             return None;
         }
         lock(&self.gates).get(&key).cloned()
@@ -119,8 +145,10 @@ impl Registry {
                 last,
             }),
             notify: Arc::new(Notify::new()),
+            waiting: AtomicUsize::new(0),
         });
         gates.insert(key, Arc::clone(&gate));
+        self.bucket(key).fetch_add(1, Ordering::Relaxed);
         self.cold.fetch_add(1, Ordering::Relaxed);
         gate
     }
@@ -128,11 +156,12 @@ impl Registry {
     /// Records that `key` answered something other than "loading": drops its
     /// gate and releases every waiter.
     pub(crate) fn mark_warm(&self, key: u64) {
-        if !self.any_cold() {
+        if !self.may_be_cold(key) {
             return;
         }
         let removed = lock(&self.gates).remove(&key);
         if let Some(gate) = removed {
+            self.bucket(key).fetch_sub(1, Ordering::Relaxed);
             self.cold.fetch_sub(1, Ordering::Relaxed);
             gate.notify.notify_waiters();
         }
@@ -162,6 +191,19 @@ impl Gate {
         Arc::clone(&lock(&self.state).last)
     }
 
+    /// Counts a caller waiting for this gate's probe until the guard drops.
+    pub(crate) fn join(self: &Arc<Self>) -> Company {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Company {
+            gate: Arc::clone(self),
+        }
+    }
+
+    /// Whether callers wait for this gate's probe.
+    pub(crate) fn has_company(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
     /// A wake-up for the next change (probe given back, model warm),
     /// registered before the caller checks the state again, so that no
     /// change between the check and the wait is missed.
@@ -169,6 +211,24 @@ impl Gate {
         let mut notified = Box::pin(Arc::clone(&self.notify).notified_owned());
         notified.as_mut().enable();
         notified
+    }
+}
+
+impl Probe {
+    /// The gate this probe belongs to.
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+}
+
+/// A caller waiting for a gate's probe, counted while it lives.
+pub(crate) struct Company {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Company {
+    fn drop(&mut self) {
+        self.gate.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -233,6 +293,37 @@ mod tests {
                 .await
                 .expect("woken");
         }
+    }
+
+    #[test]
+    fn a_warm_model_in_another_bucket_is_known_warm_without_the_lock() {
+        let registry = Registry::default();
+        let cold = 3 * BUCKETS as u64 + 5;
+        registry.mark_cold(cold, snapshot());
+        assert!(registry.may_be_cold(cold));
+        assert!(registry.may_be_cold(5), "same bucket: looked up");
+        assert!(registry.gate(5).is_none());
+        assert!(!registry.may_be_cold(6));
+        registry.mark_warm(cold);
+        assert!(!registry.may_be_cold(cold));
+        assert!(registry
+            .buckets
+            .iter()
+            .all(|b| b.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn company_is_counted_while_it_waits() {
+        let registry = Registry::default();
+        let gate = registry.mark_cold(1, snapshot());
+        assert!(!gate.has_company());
+        let one = gate.join();
+        let two = gate.join();
+        assert!(gate.has_company());
+        drop(one);
+        assert!(gate.has_company());
+        drop(two);
+        assert!(!gate.has_company());
     }
 
     #[tokio::test]

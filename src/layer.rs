@@ -4,13 +4,18 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderMap, Uri};
 use tower_layer::Layer;
 
 use crate::classify::WaitBounds;
 use crate::gate::Registry;
-use crate::{ColdStartRetry, RetryEvent};
+use crate::{ColdStartRetry, RetryEvent, WakeUp};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
+
+/// A user's model key function, hashing its key with the registry's hasher.
+pub(crate) type ModelKey =
+    Arc<dyn Fn(&Registry, &Uri, &HeaderMap, &[u8]) -> Option<u64> + Send + Sync>;
 
 /// Everything a [`ColdStartRetry`] needs to know, shared by its clones and
 /// its calls behind one `Arc` (one reference count per call).
@@ -27,6 +32,9 @@ pub(crate) struct Config {
     pub(crate) registry: Arc<Registry>,
     pub(crate) classifier: crate::classifier::Shared,
     pub(crate) jitter: bool,
+    pub(crate) wake_up: WakeUp,
+    // `None`: scheme, authority and path.
+    pub(crate) model_key: Option<ModelKey>,
 }
 
 impl Config {
@@ -44,13 +52,15 @@ impl Default for Config {
             max_total_wait: Duration::from_secs(120),
             max_wait: Duration::from_secs(60),
             default_wait: Duration::from_secs(20),
-            max_attempts: 10,
+            max_attempts: u32::MAX,
             body_limit: 8 * 1024 * 1024,
             wait_for_model: true,
             on_retry: None,
             registry: Arc::default(),
             classifier: crate::classifier::Shared::default(),
             jitter: true,
+            wake_up: WakeUp::default(),
+            model_key: None,
         }
     }
 }
@@ -70,6 +80,14 @@ impl fmt::Debug for Config {
             )
             .field("classifier", &self.classifier)
             .field("jitter", &self.jitter)
+            .field("wake_up", &self.wake_up)
+            .field(
+                "model_key",
+                &self
+                    .model_key
+                    .as_ref()
+                    .map(|_| "Fn(&Uri, &HeaderMap, &[u8])"),
+            )
             .finish()
     }
 }
@@ -130,7 +148,12 @@ impl ColdStartRetryLayer {
     /// The most requests sent for one call, the first included. `0` is
     /// treated as `1`: the request is always sent once.
     ///
-    /// Default: 10.
+    /// Default: no limit (`u32::MAX`). `max_total_wait` bounds a cold start,
+    /// and no [`WakeUp`] strategy sends a model more than one request per
+    /// second (or per 100 ms with [`WakeUp::Poll`] at its floor), except
+    /// right after a request the server held for a second or more; so with
+    /// the defaults a call sends at most about 120 requests, and in practice
+    /// far fewer: two against HuggingFace, which holds the retry.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         Arc::make_mut(&mut self.config).max_attempts = max_attempts.max(1);
         self
@@ -166,13 +189,63 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// Whether every computed wait is shortened by a random 0–20% (backoff
-    /// waits by up to 50%), so that many clients do not retry in step. The
-    /// 1 s floor and the budget still apply.
+    /// Whether every wait computed from the server's hint is shortened by a
+    /// random 0–20% (backoff waits by up to 50%), so that many clients do
+    /// not retry in step. The 1 s floor and the budget still apply. Poll
+    /// intervals ([`WakeUp::Adaptive`] against a server that does not hold,
+    /// [`WakeUp::Poll`]) are not jittered: they start from each caller's own
+    /// first answer, so callers are not in step to begin with.
     ///
     /// Default: `true`.
     pub fn jitter(mut self, jitter: bool) -> Self {
         Arc::make_mut(&mut self.config).jitter = jitter;
+        self
+    }
+
+    /// How a call waits between two requests to a loading model: see
+    /// [`WakeUp`].
+    ///
+    /// Default: [`WakeUp::Adaptive`].
+    pub fn wake_up(mut self, wake_up: WakeUp) -> Self {
+        Arc::make_mut(&mut self.config).wake_up = wake_up;
+        self
+    }
+
+    /// Which requests share one model's cold-start state (one probe at a
+    /// time, the others waiting): those for which `key` returns equal
+    /// values. `key` sees the request's URI, headers and buffered body; a
+    /// request for which it returns `None` is not coalesced (it still waits
+    /// out a cold start, on its own).
+    ///
+    /// It runs only on the cold path: for a call that meets a loading
+    /// answer, or that is made while some model of this layer is loading;
+    /// never while every model is warm. A request whose body is too large to
+    /// buffer is never retried, and never keyed.
+    ///
+    /// Default: the URI's scheme, authority and path, which names the model
+    /// on HuggingFace's API (`/models/{id}`). Key by a body field where one
+    /// URL serves many models, as OpenAI-compatible routers do:
+    ///
+    /// ```
+    /// use tower_cold_start::ColdStartRetryLayer;
+    ///
+    /// // `POST /v1/chat/completions` with `{"model": "...", ...}`
+    /// let layer = ColdStartRetryLayer::new().model_key(|uri, _headers, body| {
+    ///     let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+    ///     let model = json.get("model")?.as_str()?.to_owned();
+    ///     Some((uri.authority()?.to_string(), model))
+    /// });
+    /// ```
+    pub fn model_key<F, K>(mut self, key: F) -> Self
+    where
+        F: Fn(&Uri, &HeaderMap, &[u8]) -> Option<K> + Send + Sync + 'static,
+        K: std::hash::Hash,
+    {
+        Arc::make_mut(&mut self.config).model_key = Some(Arc::new(
+            move |registry: &Registry, uri: &Uri, headers: &HeaderMap, body: &[u8]| {
+                key(uri, headers, body).map(|key| registry.key_from(key))
+            },
+        ));
         self
     }
 

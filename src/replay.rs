@@ -140,6 +140,13 @@ pub(crate) struct Buffered {
     trailers: Option<Box<HeaderMap>>,
 }
 
+impl Buffered {
+    /// The body's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or_default()
+    }
+}
+
 /// Where a body being buffered lives.
 ///
 /// A body whose exact size is known to fit is read in place (no allocation).

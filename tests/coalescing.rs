@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::WakeUp;
 use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody};
 
 const MODEL: &str = "/models/gpt2";
@@ -44,10 +45,10 @@ async fn caller(client: Client, url: String, n: usize) -> (u16, Instant, u32) {
 #[tokio::test(start_paused = true)]
 async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
     // Cold for 24 s, holding; estimate 20 s. One caller meets the cold
-    // model; 99 more arrive while it waits.
+    // model; 99 more arrive while it waits. The default strategy.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let client = client(ColdStartRetryLayer::new());
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(caller(client.clone(), server.url(MODEL), 0));
@@ -59,15 +60,16 @@ async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         server.count(),
-        1,
-        "late callers do not go upstream while the model is cold"
+        2,
+        "late callers do not go upstream while the model is cold: only the \
+         first request and the held probe did"
     );
     let mut done = Vec::new();
     while let Some(result) = tasks.join_next().await {
         done.push(result.unwrap());
     }
     assert!(done.iter().all(|(status, _, _)| *status == 200));
-    // The probe (sent at 20 s, held until 24 s), then each waiter once.
+    // The probe (sent at 1 s, held until 24 s), then each waiter once.
     assert_eq!(server.count(), 1 + 1 + 99, "N + 1 upstream requests");
     // Every caller is answered the moment the model is ready.
     let ready = start + Duration::from_secs(24);
@@ -97,7 +99,11 @@ async fn callers_that_meet_the_cold_model_together_retry_once_each_not_each_on_a
         Model::cold_with(Duration::from_secs(10), 20.0, false),
     )])
     .await;
-    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         tasks.spawn(caller(client.clone(), server.url(MODEL), i));
@@ -128,6 +134,7 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
     .await;
     let client = client(
         ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .max_total_wait(Duration::from_secs(300)),
     );
@@ -150,7 +157,11 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
 async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+    );
     let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dropped = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
@@ -172,6 +183,7 @@ async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let client = client(
         ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .max_total_wait(Duration::from_secs(50)),
     );
@@ -202,7 +214,11 @@ async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
 async fn a_model_warm_again_goes_straight_upstream() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 2.0, false))]).await;
-    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+    );
     assert_eq!(caller(client.clone(), server.url(MODEL), 0).await.0, 200);
     let before = server.count();
     let start = Instant::now();
@@ -220,7 +236,11 @@ async fn a_warm_answer_to_a_request_already_in_flight_releases_the_waiters() {
     // 30 s, long before B's probe would.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(30), 60.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new().jitter(false));
+    let client = client(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+    );
     let start = Instant::now();
     let a = {
         let client = client.clone();

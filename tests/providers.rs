@@ -15,6 +15,7 @@ use tower_cold_start::classifier::{
     Classify, HuggingFace, InferenceEndpoints, RetryAfter, TgiOverloaded,
 };
 use tower_cold_start::ColdStartRetryLayer;
+use tower_cold_start::WakeUp;
 
 const PATH: &str = "/models/m";
 
@@ -45,6 +46,7 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(InferenceEndpoints);
     let start = Instant::now();
@@ -74,6 +76,7 @@ async fn inference_endpoints_retry_a_502_from_an_older_proxy_after_retry_after()
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(InferenceEndpoints);
     let (status, _, attempts) = call(&server, layer).await;
@@ -91,7 +94,13 @@ async fn the_default_classifier_passes_an_endpoint_503_through() {
         },
     )])
     .await;
-    let (status, _, attempts) = call(&server, ColdStartRetryLayer::new().jitter(false)).await;
+    let (status, _, attempts) = call(
+        &server,
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+    )
+    .await;
     assert_eq!((status, attempts), (503, 1));
 }
 
@@ -111,6 +120,7 @@ async fn tgi_overload_backs_off_exponentially() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(TgiOverloaded);
     let (status, _, attempts) = call(&server, layer).await;
@@ -125,7 +135,9 @@ async fn tgi_overload_backs_off_exponentially() {
 #[tokio::test(start_paused = true)]
 async fn tgi_backoff_with_jitter_stays_within_half_to_full_steps() {
     let server = HfServer::start([(PATH, Model::Sequence(vec![overloaded(); 5]))]).await;
-    let layer = ColdStartRetryLayer::new().classifier(TgiOverloaded);
+    let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
+        .classifier(TgiOverloaded);
     let (status, _, _) = call(&server, layer).await;
     assert_eq!(status, 200);
     let at = server.offsets();
@@ -146,7 +158,9 @@ async fn a_rate_limit_429_is_not_overload_and_passes_through() {
     );
     let server =
         HfServer::start([(PATH, Model::fixed(429, "application/json", body.clone()))]).await;
-    let layer = ColdStartRetryLayer::new().classifier(TgiOverloaded.or(HuggingFace));
+    let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
+        .classifier(TgiOverloaded.or(HuggingFace));
     let (status, got, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (429, 1));
     assert_eq!(got, body);
@@ -165,6 +179,7 @@ async fn retry_after_seconds_on_a_503_and_a_429() {
         )])
         .await;
         let layer = ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .classifier(RetryAfter::new());
         let (got, _, attempts) = call(&server, layer).await;
@@ -188,6 +203,7 @@ async fn retry_after_dates_follow_the_server_clock_not_ours() {
     let server =
         HfServer::start([(PATH, Model::Sequence(vec![(503, headers, Bytes::new())]))]).await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(RetryAfter::new());
     let (status, _, _) = call(&server, layer).await;
@@ -211,6 +227,7 @@ async fn retry_after_dates_in_the_past_and_absurd_delays_stay_in_bounds() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(RetryAfter::new());
     let (status, _, attempts) = call(&server, layer).await;
@@ -227,6 +244,7 @@ async fn retry_after_with_prefer_wait_asks_to_be_held() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(RetryAfter::new().prefer_wait());
     let (status, _, _) = call(&server, layer).await;
@@ -246,7 +264,9 @@ async fn a_503_without_retry_after_is_not_a_cold_start_for_retry_after() {
         Model::fixed(503, "text/html", &b"<html>down</html>"[..]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new().classifier(RetryAfter::new());
+    let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
+        .classifier(RetryAfter::new());
     let (status, body, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (503, 1));
     assert_eq!(&body[..], b"<html>down</html>");
@@ -272,6 +292,7 @@ async fn huggingface_or_retry_after_covers_both_and_keeps_each_hold() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .classifier(HuggingFace.or(RetryAfter::new()));
     let (status, _, attempts) = call(&server, layer).await;
@@ -296,15 +317,16 @@ async fn a_closure_classifies() {
         Model::Sequence(vec![(425, vec![], Bytes::from_static(b"booting"))]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new().jitter(false).classifier(
-        |r: &tower_cold_start::classifier::ResponseParts<'_>| {
+    let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
+        .jitter(false)
+        .classifier(|r: &tower_cold_start::classifier::ResponseParts<'_>| {
             (r.status().as_u16() == 425 && r.body() == b"booting").then(|| {
                 tower_cold_start::classifier::ColdStart::new(
                     tower_cold_start::classifier::Hint::After(Duration::from_secs(3)),
                 )
             })
-        },
-    );
+        });
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 3.0]);
@@ -324,7 +346,7 @@ async fn jitter_is_on_by_default_and_spreads_callers() {
         .collect();
     let server = HfServer::start(models).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new())
+        .layer(ColdStartRetryLayer::new().wake_up(WakeUp::Advised))
         .service(http1());
     let mut tasks = tokio::task::JoinSet::new();
     for path in &paths {

@@ -9,6 +9,7 @@ use http::Request;
 use http_body_util::Full;
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::WakeUp;
 use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
 
 const MODEL: &str = "/models/distilbert/distilbert-base-uncased-finetuned-sst-2-english";
@@ -42,7 +43,14 @@ fn secs(v: &[f64]) -> Vec<u64> {
 #[tokio::test(start_paused = true)]
 async fn warm_model_costs_one_request_and_reports_no_wait() {
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
-    let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.body(),
@@ -58,7 +66,14 @@ async fn sleeps_estimated_time_then_retries_with_the_hold_header() {
     // Ready after 10 s, estimate 20 s: the retry goes out at 20 s and succeeds.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
-    let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 20]);
     let received = server.received();
@@ -74,7 +89,14 @@ async fn a_holding_server_answers_the_retry_the_moment_the_model_is_ready() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed().as_secs(), 24);
     assert_eq!(server.count(), 2);
@@ -88,6 +110,7 @@ async fn without_the_hold_header_a_slow_model_takes_another_round() {
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let (response, report) = call(
         ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .wait_for_model(false),
         &server,
@@ -108,7 +131,11 @@ async fn a_hold_header_set_by_the_caller_is_left_as_it_is() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 20.0, false))]).await;
     let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().jitter(false))
+        .layer(
+            ColdStartRetryLayer::new()
+                .wake_up(WakeUp::Advised)
+                .jitter(false),
+        )
         .service(http1());
     let request = Request::post(server.url(MODEL))
         .header("x-wait-for-model", "1")
@@ -131,7 +158,14 @@ async fn a_large_estimate_is_capped_by_max_wait() {
         Model::cold_with(Duration::from_secs(30), 1809.18, false),
     )])
     .await;
-    let (response, _) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, _) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 60]);
 }
@@ -143,7 +177,14 @@ async fn fractional_estimates_are_followed_to_the_millisecond() {
         Model::cold_with(Duration::from_secs(30), 32.137, false),
     )])
     .await;
-    let (_, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (_, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     let at = server.offsets()[1];
     assert!((at - 32.137).abs() < 0.002, "retry at {at}");
     assert_eq!(report.waited().as_millis(), 32137);
@@ -170,6 +211,7 @@ async fn unusable_estimates_mean_the_default_wait() {
         )])
         .await;
         let layer = ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .default_wait(Duration::from_secs(7));
         let (response, report) = call(layer, &server, MODEL).await;
@@ -183,6 +225,7 @@ async fn unusable_estimates_mean_the_default_wait() {
 async fn an_absurd_estimate_means_the_cap() {
     let server = HfServer::start([(MODEL, Model::never_loads("1e308"))]).await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .max_attempts(2)
         .max_wait(Duration::from_secs(45));
@@ -196,6 +239,7 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
     for estimate in ["0", "0.0", "1e-9", "0.2"] {
         let server = HfServer::start([(MODEL, Model::never_loads(estimate))]).await;
         let layer = ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
             .jitter(false)
             .max_total_wait(Duration::from_secs(5));
         let (response, report) = call(layer, &server, MODEL).await;
@@ -210,7 +254,10 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
 async fn max_attempts_bounds_the_requests_and_returns_the_last_503_as_sent() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let (response, report) = call(
-        ColdStartRetryLayer::new().jitter(false).max_attempts(3),
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false)
+            .max_attempts(3),
         &server,
         MODEL,
     )
@@ -238,6 +285,7 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let start = tokio::time::Instant::now();
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .max_total_wait(Duration::from_secs(50));
     let (response, report) = call(layer, &server, MODEL).await;
@@ -254,6 +302,7 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
 async fn a_zero_budget_returns_the_first_503_after_one_request() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let layer = ColdStartRetryLayer::new()
+        .wake_up(WakeUp::Advised)
         .jitter(false)
         .max_total_wait(Duration::ZERO);
     let (response, report) = call(layer, &server, MODEL).await;
@@ -267,7 +316,10 @@ async fn max_attempts_of_one_or_zero_sends_exactly_once() {
     for n in [0, 1] {
         let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
         let (response, report) = call(
-            ColdStartRetryLayer::new().jitter(false).max_attempts(n),
+            ColdStartRetryLayer::new()
+                .wake_up(WakeUp::Advised)
+                .jitter(false)
+                .max_attempts(n),
             &server,
             MODEL,
         )
@@ -297,8 +349,14 @@ async fn recorded_cold_starts_all_succeed_within_the_defaults() {
         )])
         .await;
         let start = tokio::time::Instant::now();
-        let (response, report) =
-            call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+        let (response, report) = call(
+            ColdStartRetryLayer::new()
+                .wake_up(WakeUp::Advised)
+                .jitter(false),
+            &server,
+            MODEL,
+        )
+        .await;
         assert_eq!(response.status(), 200, "{estimate}/{actual}");
         assert_eq!(report.attempts(), 2, "{estimate}/{actual}");
         // The held retry answers at max(estimate, actual).
@@ -321,7 +379,14 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
     )])
     .await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(100));
     assert_eq!(secs(&server.offsets()), [0, 20, 81]);
@@ -333,7 +398,14 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
 async fn model_too_busy_without_a_hold_passes_through() {
     let body = br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#;
     let server = HfServer::start([(MODEL, Model::fixed(500, "application/json", &body[..]))]).await;
-    let (response, report) = call(ColdStartRetryLayer::new().jitter(false), &server, MODEL).await;
+    let (response, report) = call(
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false),
+        &server,
+        MODEL,
+    )
+    .await;
     assert_eq!(response.status(), 500);
     assert_eq!(response.body(), &Bytes::from_static(body));
     assert_eq!(report.attempts(), 1);
@@ -348,7 +420,10 @@ async fn model_too_busy_after_a_hold_ends_in_that_500_when_the_budget_is_spent()
     )])
     .await;
     let (response, report) = call(
-        ColdStartRetryLayer::new().jitter(false).max_attempts(2),
+        ColdStartRetryLayer::new()
+            .wake_up(WakeUp::Advised)
+            .jitter(false)
+            .max_attempts(2),
         &server,
         MODEL,
     )
