@@ -132,7 +132,7 @@ struct Wait {
     deadline: Pin<Box<Sleep>>,
     started: Instant,
     // Counts this caller among the probe's company while it waits.
-    _company: Company,
+    company: Company,
 }
 
 /// A sleep before the next attempt.
@@ -142,14 +142,16 @@ struct Nap {
     // For the caller probing a cold model: woken when another response shows
     // the model warm, so that the prober does not sleep past it.
     wake: Option<(Arc<Gate>, Pin<Box<OwnedNotified>>)>,
+    // The nap lasts until the budget ends: give up then, unless woken.
+    gives_up: bool,
 }
 
 impl Nap {
-    /// Whether the nap is over: its time is up, or the model it waits for
-    /// was seen warm (its gate is gone).
-    fn poll_over(&mut self, cx: &mut Context<'_>, config: &Config, key: Option<u64>) -> Poll<()> {
+    /// Whether the nap is over: its time is up (`false`), or the model it
+    /// waits for was seen warm, its gate gone (`true`).
+    fn poll_over(&mut self, cx: &mut Context<'_>, config: &Config, key: Option<u64>) -> Poll<bool> {
         if self.sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
+            return Poll::Ready(false);
         }
         let Some((gate, wake)) = &mut self.wake else {
             return Poll::Pending;
@@ -161,7 +163,7 @@ impl Nap {
             match key.and_then(|key| config.registry.gate(key)) {
                 // Woken for something else (a probe given back).
                 Some(current) if Arc::ptr_eq(&current, gate) => {}
-                _ => return Poll::Ready(()),
+                _ => return Poll::Ready(true),
             }
         }
     }
@@ -213,6 +215,8 @@ enum Next {
     Send,
     /// Wait for another caller's probe.
     Wait(Box<Wait>),
+    /// Probe the model, after this pause: it was asked too recently.
+    Pause(Box<Nap>),
 }
 
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
@@ -259,6 +263,7 @@ where
                         }
                     }
                     Next::Wait(wait) => State::Waiting { wait },
+                    Next::Pause(nap) => State::Sleeping { nap },
                 }
             }
             Plan::Stream(body) => {
@@ -324,7 +329,26 @@ impl<S> Call<S> {
             let wake = gate.wake_up();
             if let Some(probe) = gate.try_probe() {
                 self.probe = Some(probe);
-                return Next::Send;
+                // Keep to the strategy's pace across probers: a probe given
+                // back (its caller gave up) is not an answer from the model.
+                let resume = gate.asked() + wake::pace(self.config.wake_up);
+                let now = Instant::now();
+                if resume <= now {
+                    return Next::Send;
+                }
+                self.cold_since.get_or_insert(now);
+                if self.last.is_none() {
+                    self.last = Some(gate.last());
+                }
+                // A budget that ends first ends without another request.
+                let remaining = self.remaining();
+                let pause = resume - now;
+                return Next::Pause(Box::new(Nap {
+                    sleep: Box::pin(sleep(pause.min(remaining))),
+                    started: now,
+                    wake: Some((Arc::clone(&gate), wake)),
+                    gives_up: pause > remaining,
+                }));
             }
             match self.config.registry.gate(key) {
                 Some(current) if Arc::ptr_eq(&current, &gate) => break wake,
@@ -334,9 +358,9 @@ impl<S> Call<S> {
         };
         let now = Instant::now();
         let since = *self.cold_since.get_or_insert(now);
-        if self.last.is_none() {
-            self.last = Some(gate.last());
-        }
+        // A waiter keeps no loading answer of its own: it takes the model's
+        // latest from the gate when it stops waiting.
+        self.last = None;
         let deadline = since
             .checked_add(self.config.max_total_wait)
             .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
@@ -344,7 +368,7 @@ impl<S> Call<S> {
             wake,
             deadline: Box::pin(sleep_until(deadline)),
             started: now,
-            _company: gate.join(),
+            company: gate.join(),
         }))
     }
 
@@ -446,6 +470,9 @@ impl<S> Call<S> {
         S: Service<Request<RequestBody<B>>>,
     {
         self.attempts += 1;
+        if let Some(probe) = &self.probe {
+            probe.gate().asked_now();
+        }
         self.service.call(req)
     }
 }
@@ -506,6 +533,7 @@ where
                                 this.state.set(State::Calling { future });
                             }
                             Next::Wait(wait) => this.state.set(State::Waiting { wait }),
+                            Next::Pause(nap) => this.state.set(State::Sleeping { nap }),
                         }
                     }
                     Ok(Buffering::Overflow(body)) => {
@@ -617,6 +645,7 @@ where
                                     sleep: Box::pin(sleep(wait)),
                                     started: Instant::now(),
                                     wake,
+                                    gives_up: false,
                                 }),
                             });
                         }
@@ -627,17 +656,26 @@ where
                     }
                 }
                 StateProj::Sleeping { nap } => {
-                    ready!(nap.poll_over(cx, &call.config, call.key.flatten()));
+                    let warm = ready!(nap.poll_over(cx, &call.config, call.key.flatten()));
                     call.waited += nap.started.elapsed();
+                    if nap.gives_up && !warm {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(call.give_up()));
+                    }
                     this.state.set(State::Readying { delayed: false });
                 }
                 StateProj::Waiting { wait } => {
-                    if wait.deadline.as_mut().poll(cx).is_ready() {
+                    let timed_out = wait.deadline.as_mut().poll(cx).is_ready();
+                    if !timed_out {
+                        ready!(wait.wake.as_mut().poll(cx));
+                    }
+                    // Whatever comes next may end in giving up.
+                    call.last = Some(wait.company.gate().last());
+                    if timed_out {
                         call.waited += wait.started.elapsed();
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(call.give_up()));
                     }
-                    ready!(wait.wake.as_mut().poll(cx));
                     // The probe was given back or the model answered: look
                     // again (the gate may be gone, or a new one may exist).
                     let key = call.key.flatten().expect("a waiting call knows its key");
@@ -658,6 +696,10 @@ where
                                     // Keep counting from when this wait began.
                                     next.started = wait.started;
                                     this.state.set(State::Waiting { wait: next });
+                                }
+                                Next::Pause(nap) => {
+                                    call.waited += wait.started.elapsed();
+                                    this.state.set(State::Sleeping { nap });
                                 }
                             }
                         }

@@ -57,6 +57,9 @@ pub(crate) struct Gate {
 
 struct GateState {
     probing: bool,
+    // When the model was last asked: the first loading answer, then each
+    // probe sent. A prober taking over keeps to the strategy's pace.
+    asked: tokio::time::Instant,
     // The latest loading response, for a waiter whose budget runs out before
     // it sent a request of its own.
     last: Arc<Snapshot>,
@@ -142,6 +145,7 @@ impl Registry {
         let gate = Arc::new(Gate {
             state: Mutex::new(GateState {
                 probing: false,
+                asked: tokio::time::Instant::now(),
                 last,
             }),
             notify: Arc::new(Notify::new()),
@@ -186,6 +190,16 @@ impl Gate {
         })
     }
 
+    /// Records that the prober sent a request now.
+    pub(crate) fn asked_now(&self) {
+        lock(&self.state).asked = tokio::time::Instant::now();
+    }
+
+    /// When the model was last asked (first answer or probe).
+    pub(crate) fn asked(&self) -> tokio::time::Instant {
+        lock(&self.state).asked
+    }
+
     /// The latest loading response.
     pub(crate) fn last(&self) -> Arc<Snapshot> {
         Arc::clone(&lock(&self.state).last)
@@ -224,6 +238,13 @@ impl Probe {
 /// A caller waiting for a gate's probe, counted while it lives.
 pub(crate) struct Company {
     gate: Arc<Gate>,
+}
+
+impl Company {
+    /// The gate this caller waits on.
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
 }
 
 impl Drop for Company {

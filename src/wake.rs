@@ -116,6 +116,16 @@ pub(crate) fn next_wait(
     Some(interval.saturating_sub(answer.took).min(remaining))
 }
 
+/// The shortest time between two requests a strategy sends a loading
+/// model: a caller taking over another's probe waits until that long after
+/// the model was last asked.
+pub(crate) fn pace(strategy: WakeUp) -> Duration {
+    match strategy {
+        WakeUp::Poll(interval) => interval.max(POLL_FLOOR),
+        WakeUp::Adaptive | WakeUp::Advised => POLL,
+    }
+}
+
 /// The adaptive poll interval after `answer` (sends so far, company).
 fn poll_interval(answer: &Answer) -> Duration {
     match answer.attempt {

@@ -311,3 +311,31 @@ async fn without_a_model_key_one_url_is_one_model() {
         assert_eq!(result.unwrap().0, 200);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_crowd_asks_a_model_that_never_loads_once_a_second_even_as_probers_give_up() {
+    let server = HfServer::start([(MODEL, Model::never_loads("1809.18"))]).await;
+    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(30)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..20u64 {
+        let client = client.clone();
+        let url = server.url(MODEL);
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50 * n)).await;
+            send(client, url, format!("caller {n}")).await
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        assert_eq!(result.unwrap().0, 503, "the last loading answer");
+    }
+    let offsets = millis(&server.offsets());
+    // One request per second while the first prober's budget lasts (to
+    // 30 s); as each later caller's budget ends (30.05 s, 30.1 s, ...) it
+    // takes the probe over, and keeps to the pace: it gives up without a
+    // request when its budget ends before the next second is due.
+    assert!(
+        offsets.windows(2).all(|w| w[1] - w[0] >= 1000),
+        "{offsets:?}"
+    );
+    assert!(offsets.len() <= 32, "{}", offsets.len());
+}

@@ -8,17 +8,21 @@
 //! under paused time.
 #![allow(dead_code, unreachable_pub)]
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -142,15 +146,7 @@ impl HfServer {
     /// Starts a server serving `models` (path -> behaviour) on 127.0.0.1.
     pub async fn start<'a>(models: impl IntoIterator<Item = (&'a str, Model)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = State {
-            models: models.into_iter().map(|(p, m)| (p.to_owned(), m)).collect(),
-            ..State::default()
-        };
-        let server = HfServer {
-            addr,
-            state: Arc::new(Mutex::new(state)),
-        };
+        let server = Self::detached(listener.local_addr().unwrap(), models);
         let accept = server.clone();
         tokio::spawn(async move {
             loop {
@@ -158,19 +154,51 @@ impl HfServer {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let server = accept.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.handle(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                accept.serve(stream);
             }
         });
         server
+    }
+
+    /// A server that listens nowhere: give it connections with
+    /// [`serve`](Self::serve) (e.g. in-memory pipes). `addr` only names it
+    /// in [`url`](Self::url).
+    pub fn detached<'a>(
+        addr: SocketAddr,
+        models: impl IntoIterator<Item = (&'a str, Model)>,
+    ) -> Self {
+        let state = State {
+            models: models.into_iter().map(|(p, m)| (p.to_owned(), m)).collect(),
+            ..State::default()
+        };
+        HfServer {
+            addr,
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Serves one connection, HTTP/1.1 or HTTP/2, in a task of its own.
+    pub fn serve<I>(&self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        tokio::spawn(ServerSide::new(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(ServerExecutor);
+            // The cold-start bench's baselines hold one request per caller,
+            // 1000 at once, on one HTTP/2 connection.
+            builder.http2().max_concurrent_streams(100_000);
+            let _ = builder.serve_connection(TokioIo::new(io), service).await;
+        }));
+    }
+
+    /// When `path` received its first request (its cold start began).
+    pub fn first_seen(&self, path: &str) -> Option<Instant> {
+        self.state.lock().unwrap().first_seen.get(path).copied()
     }
 
     /// The URL of `path` on this server.
@@ -340,6 +368,50 @@ impl HfServer {
                 loading(model_id, estimate.as_deref())
             }
         }
+    }
+}
+
+thread_local! {
+    static SERVING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread is running the server's code: the cold-start
+/// bench counts the server's memory apart from the client's.
+pub fn serving() -> bool {
+    SERVING.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Runs a server task with [`serving`] set.
+struct ServerSide<F>(Pin<Box<F>>);
+
+impl<F> ServerSide<F> {
+    fn new(future: F) -> Self {
+        ServerSide(Box::pin(future))
+    }
+}
+
+impl<F: Future> Future for ServerSide<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let before = SERVING.with(|s| s.replace(true));
+        let poll = self.0.as_mut().poll(cx);
+        SERVING.with(|s| s.set(before));
+        poll
+    }
+}
+
+/// Spawns hyper's per-stream tasks as server tasks.
+#[derive(Clone, Copy)]
+struct ServerExecutor;
+
+impl<F> hyper::rt::Executor<F> for ServerExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(ServerSide::new(future));
     }
 }
 
