@@ -107,6 +107,14 @@ impl ColdStart {
 
 /// The wait a response hints at. Whatever it says, the layer's bounds
 /// (`max_wait`, `max_total_wait`, a 1 s floor) apply, and jitter if enabled.
+///
+/// How a hint is used depends on the [`WakeUp`](crate::WakeUp) strategy:
+/// [`Advised`](crate::WakeUp::Advised) sleeps every hint as described below;
+/// the default, [`Adaptive`](crate::WakeUp::Adaptive), follows
+/// [`After`](Hint::After) and [`Backoff`](Hint::Backoff) likewise, but polls
+/// (or retries a long-held request at once) instead of sleeping an
+/// [`Estimate`](Hint::Estimate), [`Soon`](Hint::Soon) or
+/// [`Default`](Hint::Default).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Hint {

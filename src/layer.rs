@@ -128,7 +128,8 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// The longest single sleep, whatever `estimated_time` says.
+    /// The longest single sleep computed from the server's hint, whatever
+    /// `estimated_time` or `Retry-After` says.
     ///
     /// Default: 60 s.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
@@ -137,7 +138,9 @@ impl ColdStartRetryLayer {
     }
 
     /// The sleep when the server gives no usable `estimated_time` (missing,
-    /// `null`, a string, negative, NaN or infinite). Capped by `max_wait`.
+    /// `null`, a string, negative, NaN or infinite), under
+    /// [`WakeUp::Advised`] (the default strategy does not sleep estimates).
+    /// Capped by `max_wait`.
     ///
     /// Default: 20 s, the figure HuggingFace's own clients assume.
     pub fn default_wait(mut self, default_wait: Duration) -> Self {

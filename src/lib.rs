@@ -81,7 +81,7 @@
 //!   `is currently loading`. A request that asked the server to hold it
 //!   (`x-wait-for-model`) and came back `500` with `Model too busy` (the
 //!   server held it for its limit, about 60 s) is still loading too, and is
-//!   retried after the shortest wait. Only such `503` and `500` bodies are
+//!   retried: at once by default, since the hold was the wait. Only such `503` and `500` bodies are
 //!   read, up to 4 KiB and for at most 5 s; a larger, slower, unreadable or
 //!   non-JSON body is not a cold start. A response that
 //!   is not retried reaches the caller with its status, headers and every
