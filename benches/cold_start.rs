@@ -134,15 +134,7 @@ fn client_heap() -> isize {
 // Scenarios and strategies.
 
 /// The recorded pairs: (estimated_time, seconds until the model answered).
-const RECORDED: [(f64, u64); 7] = [
-    (20.0, 10),
-    (20.0, 24),
-    (32.137, 28),
-    (20.0, 12),
-    (22.307, 11),
-    (53.374, 9),
-    (20.0, 11),
-];
+const RECORDED: [(f64, u64); 7] = hf_server::RECORDED_COLD_STARTS;
 
 /// Sub-second parts of the actual load time (the recordings are rounded).
 const PHASES: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];

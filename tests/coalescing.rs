@@ -7,39 +7,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::WakeUp;
-use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody};
+use tower::ServiceExt;
+use tower_cold_start::ColdStartRetryLayer;
 
 const MODEL: &str = "/models/gpt2";
 
-type Client = ColdStartRetry<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        RequestBody<Full<Bytes>>,
-    >,
->;
-
-fn client(layer: ColdStartRetryLayer) -> Client {
-    ServiceBuilder::new().layer(layer).service(http1())
-}
-
-/// One caller: sends its own input, checks it gets it back (the test server
-/// echoes), returns when it finished and how many requests it sent.
-async fn caller(client: Client, url: String, n: usize) -> (u16, Instant, u32) {
-    let input = Bytes::from(format!(r#"{{"inputs":"caller {n}"}}"#));
-    let request = Request::post(url).body(Full::new(input.clone())).unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let status = response.status().as_u16();
-    let attempts = report(&response).attempts();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    if status == 200 {
-        assert_eq!(body, input, "caller {n} got another caller's answer");
-    }
-    (status, Instant::now(), attempts)
+/// One caller: sends its own input and checks it gets it back.
+async fn caller(client: Layered, url: String, n: usize) -> (u16, Instant, u32) {
+    send(client, url, format!(r#"{{"inputs":"caller {n}"}}"#)).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -48,7 +26,7 @@ async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
     // model; 99 more arrive while it waits. The default strategy.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = layered(ColdStartRetryLayer::new());
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(caller(client.clone(), server.url(MODEL), 0));
@@ -99,11 +77,7 @@ async fn callers_that_meet_the_cold_model_together_retry_once_each_not_each_on_a
         Model::cold_with(Duration::from_secs(10), 20.0, false),
     )])
     .await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-    );
+    let client = layered(advised().jitter(false));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         tasks.spawn(caller(client.clone(), server.url(MODEL), i));
@@ -132,9 +106,8 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
         Model::cold_with(Duration::from_secs(100), 30.0, false),
     )])
     .await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
+    let client = layered(
+        advised()
             .jitter(false)
             .max_total_wait(Duration::from_secs(300)),
     );
@@ -157,11 +130,7 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
 async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-    );
+    let client = layered(advised().jitter(false));
     let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dropped = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
@@ -181,9 +150,8 @@ async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected(
 #[tokio::test(start_paused = true)]
 async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
+    let client = layered(
+        advised()
             .jitter(false)
             .max_total_wait(Duration::from_secs(50)),
     );
@@ -214,11 +182,7 @@ async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
 async fn a_model_warm_again_goes_straight_upstream() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 2.0, false))]).await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-    );
+    let client = layered(advised().jitter(false));
     assert_eq!(caller(client.clone(), server.url(MODEL), 0).await.0, 200);
     let before = server.count();
     let start = Instant::now();
@@ -236,11 +200,7 @@ async fn a_warm_answer_to_a_request_already_in_flight_releases_the_waiters() {
     // 30 s, long before B's probe would.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(30), 60.0, true))]).await;
-    let client = client(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-    );
+    let client = layered(advised().jitter(false));
     let start = Instant::now();
     let a = {
         let client = client.clone();

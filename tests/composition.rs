@@ -11,8 +11,6 @@ use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::ColdStartRetryLayer;
-use tower_cold_start::WakeUp;
 use tower_http::set_header::SetRequestHeaderLayer;
 
 const MODEL: &str = "/models/gpt2";
@@ -33,11 +31,7 @@ async fn a_timeout_outside_is_the_overall_deadline() {
     .await;
     let client = ServiceBuilder::new()
         .timeout(Duration::from_secs(25))
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let start = tokio::time::Instant::now();
     let error = client.oneshot(post(server.url(MODEL))).await.unwrap_err();
@@ -55,11 +49,7 @@ async fn a_timeout_outside_that_fits_the_waits_lets_the_cold_start_finish() {
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let client = ServiceBuilder::new()
         .timeout(Duration::from_secs(180))
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let response = client.oneshot(post(server.url(MODEL))).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -72,11 +62,7 @@ async fn a_timeout_inside_bounds_each_attempt() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(50), 20.0, true))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .timeout(Duration::from_secs(15))
         .service(http1());
     let start = tokio::time::Instant::now();
@@ -92,11 +78,7 @@ async fn a_timeout_inside_that_fits_a_held_request_succeeds() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(50), 20.0, true))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .timeout(Duration::from_secs(60))
         .service(http1());
     let start = tokio::time::Instant::now();
@@ -114,11 +96,7 @@ async fn tower_http_layers_inside_apply_to_every_attempt_and_outside_once() {
             http::header::AUTHORIZATION,
             HeaderValue::from_static("Bearer hf_x"),
         ))
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .layer(SetRequestHeaderLayer::appending(
             http::header::HeaderName::from_static("x-attempt-tag"),
             HeaderValue::from_static("inner"),
@@ -140,11 +118,7 @@ async fn hyper_util_over_http2_waits_out_a_cold_start() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http2());
     let body = json_input(2048);
     let request = Request::post(server.url(MODEL))
@@ -167,11 +141,7 @@ async fn empty_and_string_bodies_work_with_the_client_type_inferred() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(1), 1.0, false))]).await;
     let empty = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let response = empty
         .oneshot(
@@ -183,11 +153,7 @@ async fn empty_and_string_bodies_work_with_the_client_type_inferred() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let string = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let response = string
         .oneshot(
@@ -221,11 +187,7 @@ async fn an_axum_proxy_forwards_incoming_bodies_through_the_layer() {
         >,
     >;
     let client: Upstream = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let base = upstream.url("");
     async fn forward(

@@ -16,8 +16,6 @@ use http::Request;
 use http_body_util::Full;
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::ColdStartRetryLayer;
-use tower_cold_start::WakeUp;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -68,21 +66,16 @@ async fn each_wait_is_traced_and_given_to_the_hook_without_header_values() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .on_retry(move |e| {
-                    sink.lock().unwrap().push((
-                        e.uri().to_string(),
-                        e.model().map(str::to_owned),
-                        e.attempt(),
-                        e.wait(),
-                        e.estimate(),
-                        e.elapsed(),
-                    ))
-                }),
-        )
+        .layer(advised().jitter(false).on_retry(move |e| {
+            sink.lock().unwrap().push((
+                e.uri().to_string(),
+                e.model().map(str::to_owned),
+                e.attempt(),
+                e.wait(),
+                e.estimate(),
+                e.elapsed(),
+            ))
+        }))
         .service(http1());
     let request = Request::post(server.url(MODEL))
         .header("authorization", SECRET)
@@ -150,10 +143,7 @@ async fn each_wait_is_traced_and_given_to_the_hook_without_header_values() {
 
 #[test]
 fn debug_output_never_shows_the_hook_or_header_values() {
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .on_retry(|_| {});
+    let layer = advised().jitter(false).on_retry(|_| {});
     let text = format!("{layer:?}");
     assert!(text.contains("max_total_wait: 120s"), "{text}");
     assert!(

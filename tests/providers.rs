@@ -15,7 +15,6 @@ use tower_cold_start::classifier::{
     Classify, HuggingFace, InferenceEndpoints, RetryAfter, TgiOverloaded,
 };
 use tower_cold_start::ColdStartRetryLayer;
-use tower_cold_start::WakeUp;
 
 const PATH: &str = "/models/m";
 
@@ -45,10 +44,7 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
         },
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(InferenceEndpoints);
+    let layer = advised().jitter(false).classifier(InferenceEndpoints);
     let start = Instant::now();
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
@@ -75,10 +71,7 @@ async fn inference_endpoints_retry_a_502_from_an_older_proxy_after_retry_after()
         )]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(InferenceEndpoints);
+    let layer = advised().jitter(false).classifier(InferenceEndpoints);
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 7.0]);
@@ -94,13 +87,7 @@ async fn the_default_classifier_passes_an_endpoint_503_through() {
         },
     )])
     .await;
-    let (status, _, attempts) = call(
-        &server,
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-    )
-    .await;
+    let (status, _, attempts) = call(&server, advised().jitter(false)).await;
     assert_eq!((status, attempts), (503, 1));
 }
 
@@ -119,10 +106,7 @@ async fn tgi_overload_backs_off_exponentially() {
         Model::Sequence(vec![overloaded(), overloaded(), overloaded()]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(TgiOverloaded);
+    let layer = advised().jitter(false).classifier(TgiOverloaded);
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 4));
     assert_eq!(server.offsets(), [0.0, 1.0, 3.0, 7.0], "1 s, 2 s, 4 s");
@@ -135,9 +119,7 @@ async fn tgi_overload_backs_off_exponentially() {
 #[tokio::test(start_paused = true)]
 async fn tgi_backoff_with_jitter_stays_within_half_to_full_steps() {
     let server = HfServer::start([(PATH, Model::Sequence(vec![overloaded(); 5]))]).await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .classifier(TgiOverloaded);
+    let layer = advised().classifier(TgiOverloaded);
     let (status, _, _) = call(&server, layer).await;
     assert_eq!(status, 200);
     let at = server.offsets();
@@ -158,9 +140,7 @@ async fn a_rate_limit_429_is_not_overload_and_passes_through() {
     );
     let server =
         HfServer::start([(PATH, Model::fixed(429, "application/json", body.clone()))]).await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .classifier(TgiOverloaded.or(HuggingFace));
+    let layer = advised().classifier(TgiOverloaded.or(HuggingFace));
     let (status, got, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (429, 1));
     assert_eq!(got, body);
@@ -178,10 +158,7 @@ async fn retry_after_seconds_on_a_503_and_a_429() {
             )]),
         )])
         .await;
-        let layer = ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false)
-            .classifier(RetryAfter::new());
+        let layer = advised().jitter(false).classifier(RetryAfter::new());
         let (got, _, attempts) = call(&server, layer).await;
         assert_eq!((got, attempts), (200, 2), "{status}");
         assert_eq!(server.offsets(), [0.0, 12.0], "{status}");
@@ -202,10 +179,7 @@ async fn retry_after_dates_follow_the_server_clock_not_ours() {
     ];
     let server =
         HfServer::start([(PATH, Model::Sequence(vec![(503, headers, Bytes::new())]))]).await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(RetryAfter::new());
+    let layer = advised().jitter(false).classifier(RetryAfter::new());
     let (status, _, _) = call(&server, layer).await;
     assert_eq!(status, 200);
     assert_eq!(server.offsets(), [0.0, 30.0]);
@@ -226,10 +200,7 @@ async fn retry_after_dates_in_the_past_and_absurd_delays_stay_in_bounds() {
         ]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(RetryAfter::new());
+    let layer = advised().jitter(false).classifier(RetryAfter::new());
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 3));
     // A past date: the 1 s floor. An absurd delay: max_wait (60 s).
@@ -243,8 +214,7 @@ async fn retry_after_with_prefer_wait_asks_to_be_held() {
         Model::Sequence(vec![(503, vec![("retry-after", "5".into())], Bytes::new())]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
+    let layer = advised()
         .jitter(false)
         .classifier(RetryAfter::new().prefer_wait());
     let (status, _, _) = call(&server, layer).await;
@@ -264,9 +234,7 @@ async fn a_503_without_retry_after_is_not_a_cold_start_for_retry_after() {
         Model::fixed(503, "text/html", &b"<html>down</html>"[..]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .classifier(RetryAfter::new());
+    let layer = advised().classifier(RetryAfter::new());
     let (status, body, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (503, 1));
     assert_eq!(&body[..], b"<html>down</html>");
@@ -291,8 +259,7 @@ async fn huggingface_or_retry_after_covers_both_and_keeps_each_hold() {
         ]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
+    let layer = advised()
         .jitter(false)
         .classifier(HuggingFace.or(RetryAfter::new()));
     let (status, _, attempts) = call(&server, layer).await;
@@ -317,16 +284,15 @@ async fn a_closure_classifies() {
         Model::Sequence(vec![(425, vec![], Bytes::from_static(b"booting"))]),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .classifier(|r: &tower_cold_start::classifier::ResponseParts<'_>| {
+    let layer = advised().jitter(false).classifier(
+        |r: &tower_cold_start::classifier::ResponseParts<'_>| {
             (r.status().as_u16() == 425 && r.body() == b"booting").then(|| {
                 tower_cold_start::classifier::ColdStart::new(
                     tower_cold_start::classifier::Hint::After(Duration::from_secs(3)),
                 )
             })
-        });
+        },
+    );
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 3.0]);
@@ -345,9 +311,7 @@ async fn jitter_is_on_by_default_and_spreads_callers() {
         })
         .collect();
     let server = HfServer::start(models).await;
-    let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().wake_up(WakeUp::Advised))
-        .service(http1());
+    let client = ServiceBuilder::new().layer(advised()).service(http1());
     let mut tasks = tokio::task::JoinSet::new();
     for path in &paths {
         let client = client.clone();

@@ -13,8 +13,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, Full};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::WakeUp;
-use tower_cold_start::{BoxError, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{BoxError, RequestBody};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -26,11 +25,7 @@ fn cold_server_models() -> [(&'static str, Model); 1] {
 async fn every_attempt_sends_identical_method_uri_version_headers_and_body() {
     let server = HfServer::start(cold_server_models()).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let body = json_input(2048);
     let request = Request::put(format!("{}?wait=1&x=%20y", server.url(MODEL)))
@@ -112,11 +107,7 @@ struct Tag(&'static str);
 async fn extensions_and_trailers_are_replayed_on_every_attempt() {
     let (seen, backend) = recording_backend(2);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(backend);
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", "abc123".parse().unwrap());
@@ -146,11 +137,7 @@ async fn extensions_and_trailers_are_replayed_on_every_attempt() {
 async fn a_body_cut_into_many_chunks_is_replayed_whole() {
     let (seen, backend) = recording_backend(1);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(backend);
     let input = json_input(10_000);
     let frames = input
@@ -172,11 +159,7 @@ async fn a_body_cut_into_many_chunks_is_replayed_whole() {
 async fn an_empty_body_is_replayed_empty() {
     let server = HfServer::start(cold_server_models()).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let request = Request::get(server.url(MODEL))
         .body(Empty::<Bytes>::new())
@@ -197,11 +180,7 @@ async fn an_empty_body_is_replayed_empty() {
 async fn a_string_body_is_replayed() {
     let server = HfServer::start(cold_server_models()).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let request = Request::post(server.url(MODEL))
         .body(String::from(r#"{"inputs":"héllo"}"#))
@@ -218,12 +197,7 @@ async fn a_string_body_is_replayed() {
 async fn a_streamed_body_over_the_limit_is_sent_once_intact_and_not_retried() {
     let server = HfServer::start([(MODEL, Model::never_loads("1.0"))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .body_limit(1024),
-        )
+        .layer(advised().jitter(false).body_limit(1024))
         .service(http1());
     let input: Bytes = (0..64 * 1024)
         .map(|i| (i % 251) as u8)
@@ -251,12 +225,7 @@ async fn a_streamed_body_over_the_limit_is_sent_once_intact_and_not_retried() {
 async fn a_body_known_to_be_over_the_limit_is_sent_once_unread() {
     let server = HfServer::start([(MODEL, Model::never_loads("1.0"))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .body_limit(1024),
-        )
+        .layer(advised().jitter(false).body_limit(1024))
         .service(http1());
     let input = json_input(1025);
     let request = Request::post(server.url(MODEL))
@@ -274,12 +243,7 @@ async fn a_body_known_to_be_over_the_limit_is_sent_once_unread() {
 async fn a_body_exactly_at_the_limit_is_replayed() {
     let server = HfServer::start(cold_server_models()).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .body_limit(1024),
-        )
+        .layer(advised().jitter(false).body_limit(1024))
         .service(http1());
     let input = json_input(1024);
     assert_eq!(input.len(), 1024);
@@ -295,11 +259,7 @@ async fn a_body_exactly_at_the_limit_is_replayed() {
 async fn a_request_body_error_reaches_the_caller_and_nothing_is_sent() {
     let (seen, backend) = recording_backend(0);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(backend);
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(4);
     tokio::spawn(async move {
@@ -336,12 +296,7 @@ impl Body for Liar {
 async fn a_body_that_lies_about_its_size_past_the_limit_is_an_error() {
     let (seen, backend) = recording_backend(0);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .body_limit(100),
-        )
+        .layer(advised().jitter(false).body_limit(100))
         .service(backend);
     let request = Request::post("http://model.test/")
         .body(Liar(Some(Bytes::from(vec![b'x'; 1000]))))

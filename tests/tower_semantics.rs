@@ -15,8 +15,7 @@ use http_body_util::Full;
 use support::*;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_cold_start::WakeUp;
-use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody};
+use tower_cold_start::{ColdStartRetry, RequestBody};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -117,11 +116,7 @@ async fn the_ready_service_is_used_and_polled_ready_again_before_each_retry() {
 async fn dropping_the_future_while_it_sleeps_sends_nothing_more() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let mut call = Box::pin(client.oneshot(post(server.url(MODEL))));
     // Run until the first loading response is in and the layer sleeps.
@@ -140,11 +135,7 @@ async fn dropping_the_future_during_a_held_request_cancels_it() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(50), 20.0, true))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let mut call = Box::pin(client.oneshot(post(server.url(MODEL))));
     tokio::select! {
@@ -181,11 +172,7 @@ async fn dropping_the_future_while_the_body_is_read_sends_nothing() {
 fn the_service_and_its_future_are_send_when_their_parts_are() {
     fn assert_send<T: Send>(_: &T) {}
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     assert_send(&client);
     let future = client.clone().oneshot(post("http://127.0.0.1:1/".into()));
@@ -254,8 +241,7 @@ async fn an_inner_service_not_ready_past_the_budget_gets_the_last_503_and_no_ret
     let (backend, calls) = stalling(Duration::from_secs(200), false);
     let client = ServiceBuilder::new()
         .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
+            advised()
                 .jitter(false)
                 .max_total_wait(Duration::from_secs(60)),
         )
@@ -275,11 +261,7 @@ async fn an_inner_service_not_ready_past_the_budget_gets_the_last_503_and_no_ret
 async fn an_inner_service_not_ready_within_the_budget_is_waited_for() {
     let (backend, calls) = stalling(Duration::from_secs(5), false);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(backend);
     let start = tokio::time::Instant::now();
     let response = client.oneshot(post("http://m.test/".into())).await.unwrap();
@@ -292,11 +274,7 @@ async fn an_inner_service_not_ready_within_the_budget_is_waited_for() {
 async fn an_inner_readiness_error_before_a_retry_reaches_the_caller() {
     let (backend, calls) = stalling(Duration::ZERO, true);
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(backend);
     let error = client
         .oneshot(post("http://m.test/".into()))

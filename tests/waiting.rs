@@ -9,7 +9,6 @@ use http::Request;
 use http_body_util::Full;
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::WakeUp;
 use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
 
 const MODEL: &str = "/models/distilbert/distilbert-base-uncased-finetuned-sst-2-english";
@@ -43,14 +42,7 @@ fn secs(v: &[f64]) -> Vec<u64> {
 #[tokio::test(start_paused = true)]
 async fn warm_model_costs_one_request_and_reports_no_wait() {
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.body(),
@@ -66,14 +58,7 @@ async fn sleeps_estimated_time_then_retries_with_the_hold_header() {
     // Ready after 10 s, estimate 20 s: the retry goes out at 20 s and succeeds.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 20]);
     let received = server.received();
@@ -89,14 +74,7 @@ async fn a_holding_server_answers_the_retry_the_moment_the_model_is_ready() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed().as_secs(), 24);
     assert_eq!(server.count(), 2);
@@ -109,10 +87,7 @@ async fn without_the_hold_header_a_slow_model_takes_another_round() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false)
-            .wait_for_model(false),
+        advised().jitter(false).wait_for_model(false),
         &server,
         MODEL,
     )
@@ -131,11 +106,7 @@ async fn a_hold_header_set_by_the_caller_is_left_as_it_is() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 20.0, false))]).await;
     let client = ServiceBuilder::new()
-        .layer(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-        )
+        .layer(advised().jitter(false))
         .service(http1());
     let request = Request::post(server.url(MODEL))
         .header("x-wait-for-model", "1")
@@ -158,14 +129,7 @@ async fn a_large_estimate_is_capped_by_max_wait() {
         Model::cold_with(Duration::from_secs(30), 1809.18, false),
     )])
     .await;
-    let (response, _) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, _) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 60]);
 }
@@ -177,14 +141,7 @@ async fn fractional_estimates_are_followed_to_the_millisecond() {
         Model::cold_with(Duration::from_secs(30), 32.137, false),
     )])
     .await;
-    let (_, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (_, report) = call(advised().jitter(false), &server, MODEL).await;
     let at = server.offsets()[1];
     assert!((at - 32.137).abs() < 0.002, "retry at {at}");
     assert_eq!(report.waited().as_millis(), 32137);
@@ -210,10 +167,7 @@ async fn unusable_estimates_mean_the_default_wait() {
             },
         )])
         .await;
-        let layer = ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false)
-            .default_wait(Duration::from_secs(7));
+        let layer = advised().jitter(false).default_wait(Duration::from_secs(7));
         let (response, report) = call(layer, &server, MODEL).await;
         assert_eq!(response.status(), 200, "{estimate:?}");
         assert_eq!(secs(&server.offsets()), [0, 7], "{estimate:?}");
@@ -224,8 +178,7 @@ async fn unusable_estimates_mean_the_default_wait() {
 #[tokio::test(start_paused = true)]
 async fn an_absurd_estimate_means_the_cap() {
     let server = HfServer::start([(MODEL, Model::never_loads("1e308"))]).await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
+    let layer = advised()
         .jitter(false)
         .max_attempts(2)
         .max_wait(Duration::from_secs(45));
@@ -238,8 +191,7 @@ async fn an_absurd_estimate_means_the_cap() {
 async fn a_zero_estimate_does_not_become_a_busy_loop() {
     for estimate in ["0", "0.0", "1e-9", "0.2"] {
         let server = HfServer::start([(MODEL, Model::never_loads(estimate))]).await;
-        let layer = ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
+        let layer = advised()
             .jitter(false)
             .max_total_wait(Duration::from_secs(5));
         let (response, report) = call(layer, &server, MODEL).await;
@@ -253,15 +205,7 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
 #[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_the_requests_and_returns_the_last_503_as_sent() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false)
-            .max_attempts(3),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false).max_attempts(3), &server, MODEL).await;
     assert_eq!(server.count(), 3);
     assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert_eq!(response.status(), 503);
@@ -284,8 +228,7 @@ async fn max_attempts_bounds_the_requests_and_returns_the_last_503_as_sent() {
 async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let start = tokio::time::Instant::now();
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
+    let layer = advised()
         .jitter(false)
         .max_total_wait(Duration::from_secs(50));
     let (response, report) = call(layer, &server, MODEL).await;
@@ -301,10 +244,7 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
 #[tokio::test(start_paused = true)]
 async fn a_zero_budget_returns_the_first_503_after_one_request() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-    let layer = ColdStartRetryLayer::new()
-        .wake_up(WakeUp::Advised)
-        .jitter(false)
-        .max_total_wait(Duration::ZERO);
+    let layer = advised().jitter(false).max_total_wait(Duration::ZERO);
     let (response, report) = call(layer, &server, MODEL).await;
     assert_eq!(server.count(), 1);
     assert_eq!(response.status(), 503);
@@ -315,15 +255,8 @@ async fn a_zero_budget_returns_the_first_503_after_one_request() {
 async fn max_attempts_of_one_or_zero_sends_exactly_once() {
     for n in [0, 1] {
         let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-        let (response, report) = call(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false)
-                .max_attempts(n),
-            &server,
-            MODEL,
-        )
-        .await;
+        let (response, report) =
+            call(advised().jitter(false).max_attempts(n), &server, MODEL).await;
         assert_eq!(server.count(), 1);
         assert_eq!(response.status(), 503);
         assert_eq!(report.attempts(), 1);
@@ -333,30 +266,14 @@ async fn max_attempts_of_one_or_zero_sends_exactly_once() {
 #[tokio::test(start_paused = true)]
 async fn recorded_cold_starts_all_succeed_within_the_defaults() {
     // (estimate, actual) pairs recorded against api-inference.huggingface.co.
-    let pairs = [
-        (20.0, 10),
-        (20.0, 24),
-        (32.137, 28),
-        (20.0, 12),
-        (22.307, 11),
-        (53.374, 9),
-        (20.0, 11),
-    ];
-    for (estimate, actual) in pairs {
+    for (estimate, actual) in support::hf_server::RECORDED_COLD_STARTS {
         let server = HfServer::start([(
             MODEL,
             Model::cold_with(Duration::from_secs(actual), estimate, true),
         )])
         .await;
         let start = tokio::time::Instant::now();
-        let (response, report) = call(
-            ColdStartRetryLayer::new()
-                .wake_up(WakeUp::Advised)
-                .jitter(false),
-            &server,
-            MODEL,
-        )
-        .await;
+        let (response, report) = call(advised().jitter(false), &server, MODEL).await;
         assert_eq!(response.status(), 200, "{estimate}/{actual}");
         assert_eq!(report.attempts(), 2, "{estimate}/{actual}");
         // The held retry answers at max(estimate, actual).
@@ -379,14 +296,7 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
     )])
     .await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(100));
     assert_eq!(secs(&server.offsets()), [0, 20, 81]);
@@ -398,14 +308,7 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
 async fn model_too_busy_without_a_hold_passes_through() {
     let body = br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#;
     let server = HfServer::start([(MODEL, Model::fixed(500, "application/json", &body[..]))]).await;
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
     assert_eq!(response.status(), 500);
     assert_eq!(response.body(), &Bytes::from_static(body));
     assert_eq!(report.attempts(), 1);
@@ -419,15 +322,7 @@ async fn model_too_busy_after_a_hold_ends_in_that_500_when_the_budget_is_spent()
         Model::cold_with(Duration::from_secs(1000), 20.0, true),
     )])
     .await;
-    let (response, report) = call(
-        ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
-            .jitter(false)
-            .max_attempts(2),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) = call(advised().jitter(false).max_attempts(2), &server, MODEL).await;
     // The second and last attempt is held 60 s and answered "too busy":
     // passed on as sent.
     assert_eq!(response.status(), 500);

@@ -6,40 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_cold_start::classifier::RetryAfter;
-use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WakeUp};
+use tower_cold_start::{ColdStartRetryLayer, WakeUp};
 
 const MODEL: &str = "/models/gpt2";
-
-type Client = ColdStartRetry<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        RequestBody<Full<Bytes>>,
-    >,
->;
-
-fn client(layer: ColdStartRetryLayer) -> Client {
-    ServiceBuilder::new().layer(layer).service(http1())
-}
-
-/// Sends `body` to `url`; returns the status, when the answer came, the
-/// attempts, and checks that a 200 echoes the body (the test server echoes).
-async fn send(client: Client, url: String, body: String) -> (u16, Instant, u32) {
-    let body = Bytes::from(body);
-    let request = Request::post(url).body(Full::new(body.clone())).unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let status = response.status().as_u16();
-    let attempts = report(&response).attempts();
-    let got = response.into_body().collect().await.unwrap().to_bytes();
-    if status == 200 {
-        assert_eq!(got, body, "another caller's answer");
-    }
-    (status, Instant::now(), attempts)
-}
 
 fn millis(offsets: &[f64]) -> Vec<u64> {
     offsets
@@ -62,12 +36,8 @@ async fn adaptive_sends_a_held_retry_after_1s_and_a_holding_server_answers_when_
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let start = Instant::now();
-    let (status, at, attempts) = send(
-        client(ColdStartRetryLayer::new()),
-        server.url(MODEL),
-        "{}".into(),
-    )
-    .await;
+    let (status, at, attempts) =
+        send(layered(ColdStartRetryLayer::new()), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(at - start, Duration::from_secs(24), "no lag");
     assert_eq!(attempts, 2);
@@ -83,12 +53,8 @@ async fn adaptive_polls_a_server_that_does_not_hold_1s_then_1_5s_then_every_2s()
     )])
     .await;
     let start = Instant::now();
-    let (status, at, attempts) = send(
-        client(ColdStartRetryLayer::new()),
-        server.url(MODEL),
-        "{}".into(),
-    )
-    .await;
+    let (status, at, attempts) =
+        send(layered(ColdStartRetryLayer::new()), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(
         millis(&server.offsets()),
@@ -111,12 +77,8 @@ async fn a_hold_that_times_out_with_model_too_busy_is_followed_at_once() {
     )])
     .await;
     let start = Instant::now();
-    let (status, at, attempts) = send(
-        client(ColdStartRetryLayer::new()),
-        server.url(MODEL),
-        "{}".into(),
-    )
-    .await;
+    let (status, at, attempts) =
+        send(layered(ColdStartRetryLayer::new()), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(at - start, Duration::from_secs(100));
     assert_eq!(attempts, 3);
@@ -136,7 +98,7 @@ async fn adaptive_honours_a_retry_after_as_given() {
     let layer = ColdStartRetryLayer::new()
         .classifier(RetryAfter::new())
         .jitter(false);
-    let (status, _, attempts) = send(client(layer), server.url(MODEL), "{}".into()).await;
+    let (status, _, attempts) = send(layered(layer), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(attempts, 3);
     assert_eq!(millis(&server.offsets()), [0, 7000, 14000]);
@@ -147,7 +109,7 @@ async fn poll_sends_one_request_per_interval_and_is_floored_at_100ms() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(2), 20.0, false))]).await;
     let layer = ColdStartRetryLayer::new().wake_up(WakeUp::Poll(Duration::from_millis(500)));
-    let (status, _, _) = send(client(layer), server.url(MODEL), "{}".into()).await;
+    let (status, _, _) = send(layered(layer), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(millis(&server.offsets()), [0, 500, 1000, 1500, 2000]);
 
@@ -157,7 +119,7 @@ async fn poll_sends_one_request_per_interval_and_is_floored_at_100ms() {
     )])
     .await;
     let layer = ColdStartRetryLayer::new().wake_up(WakeUp::Poll(Duration::ZERO));
-    let (status, _, _) = send(client(layer), server.url(MODEL), "{}".into()).await;
+    let (status, _, _) = send(layered(layer), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(millis(&server.offsets()), [0, 100, 200, 300]);
 }
@@ -166,12 +128,8 @@ async fn poll_sends_one_request_per_interval_and_is_floored_at_100ms() {
 async fn by_default_a_model_that_never_loads_is_polled_within_the_budget() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let start = Instant::now();
-    let (status, at, attempts) = send(
-        client(ColdStartRetryLayer::new()),
-        server.url(MODEL),
-        "{}".into(),
-    )
-    .await;
+    let (status, at, attempts) =
+        send(layered(ColdStartRetryLayer::new()), server.url(MODEL), "{}").await;
     assert_eq!(status, 503, "the last loading answer");
     assert!(at - start <= Duration::from_secs(120));
     let offsets = server.offsets();
@@ -193,10 +151,10 @@ async fn with_company_the_probe_polls_every_second_and_releases_everyone() {
         Model::cold_with(Duration::from_millis(10_300), 20.0, false),
     )])
     .await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = layered(ColdStartRetryLayer::new());
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(send(client.clone(), server.url(MODEL), "caller 0".into()));
+    tasks.spawn(send(client.clone(), server.url(MODEL), "caller 0"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     for n in 1..50 {
         tasks.spawn(send(
@@ -228,13 +186,13 @@ async fn a_sleeping_probe_wakes_when_another_request_finds_the_model_warm() {
     // server since before the model was known cold, comes back 200 at 10 s.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
-    let client = client(
+    let client = layered(
         ColdStartRetryLayer::new()
             .wake_up(WakeUp::Advised)
             .jitter(false),
     );
     let start = Instant::now();
-    let prober = tokio::spawn(send(client.clone(), server.url(MODEL), "a".into()));
+    let prober = tokio::spawn(send(client.clone(), server.url(MODEL), "a"));
     tokio::task::yield_now().await;
     let held_request = Request::post(server.url(MODEL))
         .header("x-wait-for-model", "true")
@@ -264,7 +222,7 @@ async fn a_model_key_separates_models_behind_one_url_and_groups_each() {
     const CHAT: &str = "/v1/chat/completions";
     let server =
         HfServer::start([(CHAT, Model::cold_with(Duration::from_secs(5), 20.0, false))]).await;
-    let client = client(by_model_field(ColdStartRetryLayer::new()));
+    let client = layered(by_model_field(ColdStartRetryLayer::new()));
     let mut tasks = tokio::task::JoinSet::new();
     let body = |model: &str, n: u32| format!(r#"{{"model":"{model}","n":{n}}}"#);
     tasks.spawn(send(client.clone(), server.url(CHAT), body("a", 0)));
@@ -279,7 +237,7 @@ async fn a_model_key_separates_models_behind_one_url_and_groups_each() {
     // Model "b", same URL, is not known cold: it goes upstream. So does a
     // request the key function cannot key.
     tasks.spawn(send(client.clone(), server.url(CHAT), body("b", 9)));
-    tasks.spawn(send(client.clone(), server.url(CHAT), "not json".into()));
+    tasks.spawn(send(client.clone(), server.url(CHAT), "not json"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(server.count(), 3, "model b and the unkeyed request went up");
     while let Some(result) = tasks.join_next().await {
@@ -292,19 +250,11 @@ async fn without_a_model_key_one_url_is_one_model() {
     const CHAT: &str = "/v1/chat/completions";
     let server =
         HfServer::start([(CHAT, Model::cold_with(Duration::from_secs(5), 20.0, false))]).await;
-    let client = client(ColdStartRetryLayer::new());
+    let client = layered(ColdStartRetryLayer::new());
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(send(
-        client.clone(),
-        server.url(CHAT),
-        r#"{"model":"a"}"#.into(),
-    ));
+    tasks.spawn(send(client.clone(), server.url(CHAT), r#"{"model":"a"}"#));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    tasks.spawn(send(
-        client.clone(),
-        server.url(CHAT),
-        r#"{"model":"b"}"#.into(),
-    ));
+    tasks.spawn(send(client.clone(), server.url(CHAT), r#"{"model":"b"}"#));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(server.count(), 1, "model b waits: same URL");
     while let Some(result) = tasks.join_next().await {
@@ -315,7 +265,7 @@ async fn without_a_model_key_one_url_is_one_model() {
 #[tokio::test(start_paused = true)]
 async fn a_crowd_asks_a_model_that_never_loads_once_a_second_even_as_probers_give_up() {
     let server = HfServer::start([(MODEL, Model::never_loads("1809.18"))]).await;
-    let client = client(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(30)));
+    let client = layered(ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(30)));
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..20u64 {
         let client = client.clone();

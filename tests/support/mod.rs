@@ -10,6 +10,8 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tower::ServiceExt;
+use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WakeUp};
 
 #[allow(unused_imports)]
 pub use hf_server::{loading_body, HfServer, Model, Received};
@@ -32,6 +34,42 @@ where
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
+}
+
+/// The layer with the first release's wake-up, `WakeUp::Advised` (sleep
+/// `estimated_time`): for the tests that pin that schedule.
+pub fn advised() -> ColdStartRetryLayer {
+    ColdStartRetryLayer::new().wake_up(WakeUp::Advised)
+}
+
+/// hyper-util's HTTP/1 client behind the layer.
+pub type Layered = ColdStartRetry<Client<HttpConnector, RequestBody<http_body_util::Full<Bytes>>>>;
+
+/// `layer` over hyper-util's HTTP/1 client.
+pub fn layered(layer: ColdStartRetryLayer) -> Layered {
+    tower::ServiceBuilder::new().layer(layer).service(http1())
+}
+
+/// Posts `body` to `url` through `client`; returns the status, when the
+/// answer came, and the attempts. Checks that a 200 echoes the body (the
+/// test server echoes): no caller gets another's answer.
+pub async fn send(
+    client: Layered,
+    url: String,
+    body: impl Into<Bytes>,
+) -> (u16, tokio::time::Instant, u32) {
+    let body = body.into();
+    let request = http::Request::post(url)
+        .body(http_body_util::Full::new(body.clone()))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let attempts = report(&response).attempts();
+    let got = response.into_body().collect().await.unwrap().to_bytes();
+    if status == 200 {
+        assert_eq!(got, body, "another caller's answer");
+    }
+    (status, tokio::time::Instant::now(), attempts)
 }
 
 /// The report the layer attached to a response.
