@@ -4,7 +4,9 @@
 //! [`Registry`]. Once a model (keyed by scheme, authority and path) answers
 //! "loading", it gets a [`Gate`]: one request at a time probes the model, the
 //! others wait in-process instead of each retrying upstream. The first answer
-//! that is not "loading" removes the gate and releases every waiter at once.
+//! that is not "loading" removes the gate and releases every waiter at once;
+//! a probe given back while nobody waits (every caller gave up) removes it
+//! too, so cold starts nobody waits for leave nothing behind.
 //!
 //! The warm path pays one relaxed atomic load: while no model is cold the
 //! registry is not locked and nothing is allocated. While some model is cold,
@@ -76,9 +78,12 @@ pub(crate) struct Snapshot {
 
 /// The right to probe a cold model; given back (and the next waiter woken)
 /// when dropped, whatever ends the probe: an answer, a timeout, the caller
-/// dropping its future.
+/// dropping its future. A probe given back while nobody waits forgets the
+/// model: a cold start every caller gave up on leaves nothing behind.
 pub(crate) struct Probe {
     gate: Arc<Gate>,
+    registry: Arc<Registry>,
+    key: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,6 +162,20 @@ impl Registry {
         gate
     }
 
+    /// Drops `key`'s gate if it is still `gate` (nobody waits on it).
+    fn forget(&self, key: u64, gate: &Arc<Gate>) {
+        let mut gates = lock(&self.gates);
+        if gates
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, gate))
+        {
+            gates.remove(&key);
+            drop(gates);
+            self.bucket(key).fetch_sub(1, Ordering::Relaxed);
+            self.cold.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Records that `key` answered something other than "loading": drops its
     /// gate and releases every waiter.
     pub(crate) fn mark_warm(&self, key: u64) {
@@ -178,8 +197,8 @@ impl Registry {
 }
 
 impl Gate {
-    /// Takes the probe if nobody holds it.
-    pub(crate) fn try_probe(self: &Arc<Self>) -> Option<Probe> {
+    /// Takes the probe of `key`'s gate if nobody holds it.
+    pub(crate) fn try_probe(self: &Arc<Self>, registry: &Arc<Registry>, key: u64) -> Option<Probe> {
         let mut state = lock(&self.state);
         if state.probing {
             return None;
@@ -187,6 +206,8 @@ impl Gate {
         state.probing = true;
         Some(Probe {
             gate: Arc::clone(self),
+            registry: Arc::clone(registry),
+            key,
         })
     }
 
@@ -256,6 +277,9 @@ impl Drop for Company {
 impl Drop for Probe {
     fn drop(&mut self) {
         lock(&self.gate.state).probing = false;
+        if !self.gate.has_company() {
+            self.registry.forget(self.key, &self.gate);
+        }
         self.gate.notify.notify_waiters();
     }
 }
@@ -292,12 +316,30 @@ mod tests {
 
     #[test]
     fn one_probe_at_a_time_and_given_back_on_drop() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(1, snapshot());
-        let probe = gate.try_probe().expect("free");
-        assert!(gate.try_probe().is_none());
+        let _waiter = gate.join();
+        let probe = gate.try_probe(&registry, 1).expect("free");
+        assert!(gate.try_probe(&registry, 1).is_none());
         drop(probe);
-        assert!(gate.try_probe().is_some());
+        assert!(gate.try_probe(&registry, 1).is_some());
+    }
+
+    #[test]
+    fn a_probe_given_back_with_nobody_waiting_forgets_the_model() {
+        let registry = Arc::new(Registry::default());
+        let gate = registry.mark_cold(9, snapshot());
+        drop(gate.try_probe(&registry, 9).unwrap());
+        assert_eq!(registry.cold_models(), 0);
+        assert!(registry.gate(9).is_none());
+        assert!(!registry.any_cold(), "the warm path is lock-free again");
+        // A newer gate for the same model is not the old probe's to forget.
+        let old = registry.mark_cold(9, snapshot());
+        let probe = old.try_probe(&registry, 9).unwrap();
+        registry.mark_warm(9);
+        let new = registry.mark_cold(9, snapshot());
+        drop(probe);
+        assert!(registry.gate(9).is_some_and(|g| Arc::ptr_eq(&g, &new)));
     }
 
     #[tokio::test]
@@ -349,9 +391,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_probe_wakes_the_waiters() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(7, snapshot());
-        let probe = gate.try_probe().unwrap();
+        let _waiter = gate.join();
+        let probe = gate.try_probe(&registry, 7).unwrap();
         let waiter = gate.wake_up();
         drop(probe);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
