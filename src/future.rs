@@ -327,7 +327,7 @@ impl<S> Call<S> {
         let key = self.key.flatten().expect("a gate is entered by key");
         let wake = loop {
             let wake = gate.wake_up();
-            if let Some(probe) = gate.try_probe(&self.config.registry, key) {
+            if let Some(probe) = gate.try_probe() {
                 self.probe = Some(probe);
                 // Keep to the strategy's pace across probers: a probe given
                 // back (its caller gave up) is not an answer from the model.

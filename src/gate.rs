@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use bytes::Bytes;
 use http::{response, HeaderMap, Uri};
@@ -51,6 +51,10 @@ impl std::fmt::Debug for Registry {
 
 /// A model known to be loading.
 pub(crate) struct Gate {
+    // Where the gate lives, to forget it when its last caller gives up (weak:
+    // the registry owns its gates).
+    registry: Weak<Registry>,
+    key: u64,
     state: Mutex<GateState>,
     notify: Arc<Notify>,
     // Callers waiting for the probe: the prober polls faster for company.
@@ -82,8 +86,6 @@ pub(crate) struct Snapshot {
 /// model: a cold start every caller gave up on leaves nothing behind.
 pub(crate) struct Probe {
     gate: Arc<Gate>,
-    registry: Arc<Registry>,
-    key: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,13 +143,15 @@ impl Registry {
     }
 
     /// Records a loading response for `key`, creating its gate if needed.
-    pub(crate) fn mark_cold(&self, key: u64, last: Arc<Snapshot>) -> Arc<Gate> {
+    pub(crate) fn mark_cold(self: &Arc<Self>, key: u64, last: Arc<Snapshot>) -> Arc<Gate> {
         let mut gates = lock(&self.gates);
         if let Some(gate) = gates.get(&key) {
             lock(&gate.state).last = last;
             return Arc::clone(gate);
         }
         let gate = Arc::new(Gate {
+            registry: Arc::downgrade(self),
+            key,
             state: Mutex::new(GateState {
                 probing: false,
                 asked: tokio::time::Instant::now(),
@@ -197,8 +201,8 @@ impl Registry {
 }
 
 impl Gate {
-    /// Takes the probe of `key`'s gate if nobody holds it.
-    pub(crate) fn try_probe(self: &Arc<Self>, registry: &Arc<Registry>, key: u64) -> Option<Probe> {
+    /// Takes the probe if nobody holds it.
+    pub(crate) fn try_probe(self: &Arc<Self>) -> Option<Probe> {
         let mut state = lock(&self.state);
         if state.probing {
             return None;
@@ -206,8 +210,6 @@ impl Gate {
         state.probing = true;
         Some(Probe {
             gate: Arc::clone(self),
-            registry: Arc::clone(registry),
-            key,
         })
     }
 
@@ -278,7 +280,9 @@ impl Drop for Probe {
     fn drop(&mut self) {
         lock(&self.gate.state).probing = false;
         if !self.gate.has_company() {
-            self.registry.forget(self.key, &self.gate);
+            if let Some(registry) = self.gate.registry.upgrade() {
+                registry.forget(self.gate.key, &self.gate);
+            }
         }
         self.gate.notify.notify_waiters();
     }
@@ -306,7 +310,7 @@ mod tests {
 
     #[test]
     fn keys_ignore_the_query_and_separate_models() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let a = registry.key(&"https://h/models/a?x=1".parse().unwrap());
         assert_eq!(a, registry.key(&"https://h/models/a?y=2".parse().unwrap()));
         assert_ne!(a, registry.key(&"https://h/models/b".parse().unwrap()));
@@ -319,23 +323,23 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(1, snapshot());
         let _waiter = gate.join();
-        let probe = gate.try_probe(&registry, 1).expect("free");
-        assert!(gate.try_probe(&registry, 1).is_none());
+        let probe = gate.try_probe().expect("free");
+        assert!(gate.try_probe().is_none());
         drop(probe);
-        assert!(gate.try_probe(&registry, 1).is_some());
+        assert!(gate.try_probe().is_some());
     }
 
     #[test]
     fn a_probe_given_back_with_nobody_waiting_forgets_the_model() {
         let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(9, snapshot());
-        drop(gate.try_probe(&registry, 9).unwrap());
+        drop(gate.try_probe().unwrap());
         assert_eq!(registry.cold_models(), 0);
         assert!(registry.gate(9).is_none());
         assert!(!registry.any_cold(), "the warm path is lock-free again");
         // A newer gate for the same model is not the old probe's to forget.
         let old = registry.mark_cold(9, snapshot());
-        let probe = old.try_probe(&registry, 9).unwrap();
+        let probe = old.try_probe().unwrap();
         registry.mark_warm(9);
         let new = registry.mark_cold(9, snapshot());
         drop(probe);
@@ -344,7 +348,7 @@ mod tests {
 
     #[tokio::test]
     async fn warm_drops_the_gate_and_wakes_every_waiter() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(7, snapshot());
         assert_eq!(registry.cold_models(), 1);
         let waiters: Vec<_> = (0..3).map(|_| gate.wake_up()).collect();
@@ -360,7 +364,7 @@ mod tests {
 
     #[test]
     fn a_warm_model_in_another_bucket_is_known_warm_without_the_lock() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let cold = 3 * BUCKETS as u64 + 5;
         registry.mark_cold(cold, snapshot());
         assert!(registry.may_be_cold(cold));
@@ -377,7 +381,7 @@ mod tests {
 
     #[test]
     fn company_is_counted_while_it_waits() {
-        let registry = Registry::default();
+        let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(1, snapshot());
         assert!(!gate.has_company());
         let one = gate.join();
@@ -394,7 +398,7 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let gate = registry.mark_cold(7, snapshot());
         let _waiter = gate.join();
-        let probe = gate.try_probe(&registry, 7).unwrap();
+        let probe = gate.try_probe().unwrap();
         let waiter = gate.wake_up();
         drop(probe);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
