@@ -64,7 +64,7 @@ pub enum WakeUp {
 
 /// How long a held request must have taken to show that the server held
 /// it; a loading answer sooner than this means the server does not hold.
-pub(crate) const HELD: Duration = Duration::from_secs(1);
+const HELD: Duration = Duration::from_secs(1);
 
 /// The poll interval while other callers wait on the same model, and the
 /// first interval of a caller alone.

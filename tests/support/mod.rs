@@ -65,7 +65,7 @@ pub async fn send(
     let response = client.oneshot(request).await.unwrap();
     let status = response.status().as_u16();
     let attempts = report(&response).attempts();
-    let got = response.into_body().collect().await.unwrap().to_bytes();
+    let got = bytes(response).await;
     if status == 200 {
         assert_eq!(got, body, "another caller's answer");
     }
