@@ -121,8 +121,17 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Replay { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Replay { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                if trailers.is_none() {
+                    return SizeHint::with_exact(len);
+                }
+                // An exact size makes an HTTP/1 client frame the request
+                // with `Content-Length`, which has no room for trailers:
+                // leave the upper bound open so that it sends it chunked.
+                let mut hint = SizeHint::new();
+                hint.set_lower(len);
+                hint
             }
             Kind::Stream { prefix, rest } => {
                 let read: u64 = prefix.iter().map(|c| c.len() as u64).sum();

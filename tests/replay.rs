@@ -308,3 +308,62 @@ async fn a_body_that_lies_about_its_size_past_the_limit_is_an_error() {
     );
     assert!(seen.lock().unwrap().is_empty());
 }
+
+/// A streaming upload with data, trailers and a `Trailer` header, as the
+/// server must receive it, through `client` over HTTP/1 to `url`.
+/// (A channel body: no size hint, and `Unpin`, as the bare client needs.)
+fn upload_with_trailers(
+    url: String,
+    data: &[&'static [u8]],
+) -> (Request<http_body_util::channel::Channel<Bytes>>, HeaderMap) {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "sha256-abc123".parse().unwrap());
+    let (mut tx, body) = http_body_util::channel::Channel::new(data.len() + 1);
+    for d in data {
+        tx.try_send(Frame::data(Bytes::from_static(d))).unwrap();
+    }
+    tx.try_send(Frame::trailers(trailers.clone())).unwrap();
+    let request = Request::post(url)
+        .header("trailer", "x-checksum")
+        .body(body)
+        .unwrap();
+    (request, trailers)
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_trailers_reach_the_server_over_http1_on_the_warm_path_and_every_retry() {
+    let server = HfServer::start([
+        ("/models/warm", Model::Warm),
+        ("/models/cold", Model::cold_with(Duration::from_secs(3), 2.0, false)),
+    ])
+    .await;
+    // The bare client delivers them: the layer must not do worse.
+    let (request, trailers) = upload_with_trailers(server.url("/models/warm"), &[b"a", b"b"]);
+    http1().oneshot(request).await.unwrap();
+    let layer = ServiceBuilder::new().layer(advised().jitter(false));
+    let (request, _) = upload_with_trailers(server.url("/models/warm"), &[b"a", b"b"]);
+    layer.clone().service(http1()).oneshot(request).await.unwrap();
+    let (request, _) = upload_with_trailers(server.url("/models/cold"), &[b"a", b"b"]);
+    let response = layer.service(http1()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let received = server.received();
+    assert_eq!(received.len(), 1 + 1 + 3, "bare, warm, and cold at 0, 2 and 4 s");
+    for r in &received {
+        assert_eq!(&r.body[..], b"ab", "{} {:?}", r.uri, r.headers);
+        assert_eq!(r.trailers.as_ref(), Some(&trailers), "{} {:?}", r.uri, r.headers);
+        assert!(!r.headers.contains_key("content-length"), "chunked, as the caller sent it");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trailers_only_request_body_reaches_the_server_with_its_trailers() {
+    let server = HfServer::start([("/models/warm", Model::Warm)]).await;
+    let client = ServiceBuilder::new().layer(advised()).service(http1());
+    let (request, trailers) = upload_with_trailers(server.url("/models/warm"), &[]);
+    client.oneshot(request).await.unwrap();
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].body.is_empty());
+    assert_eq!(received[0].trailers.as_ref(), Some(&trailers));
+}

@@ -31,11 +31,20 @@ fn run(body: Vec<u8>, cuts: Vec<usize>, trailers: bool) -> (Seen, u32) {
     let backend = tower::service_fn(move |req: Request<RequestBody<Frames>>| {
         let record = record.clone();
         async move {
+            let hint = http_body::Body::size_hint(req.body());
             let collected = req.into_body().collect().await.unwrap();
             let trailers = collected.trailers().cloned();
+            // What an HTTP/1 client frames the request by: an exact size
+            // means `Content-Length`, which cannot carry trailers.
+            let data = collected.to_bytes();
+            let len = data.len() as u64;
+            assert!(hint.lower() <= len && hint.upper().map_or(true, |u| len <= u));
+            if trailers.is_some() {
+                assert_eq!(hint.exact(), None, "trailers need chunked framing");
+            }
             let n = {
                 let mut seen = record.lock().unwrap();
-                seen.push((collected.to_bytes(), trailers));
+                seen.push((data, trailers));
                 seen.len()
             };
             // Loading twice, then warm.
