@@ -325,33 +325,38 @@ impl<S> Call<S> {
     /// missed.
     fn enter(&mut self, mut gate: Arc<Gate>) -> Next {
         let key = self.key.flatten().expect("a gate is entered by key");
-        let wake = loop {
+        let (wake, company) = loop {
             let wake = gate.wake_up();
-            if let Some(probe) = gate.try_probe() {
-                self.probe = Some(probe);
-                // Keep to the strategy's pace across probers: a probe given
-                // back (its caller gave up) is not an answer from the model.
-                let resume = gate.asked() + wake::pace(self.config.wake_up);
-                let now = Instant::now();
-                if resume <= now {
-                    return Next::Send;
+            let company = match gate.probe_or_join() {
+                Err(company) => company,
+                Ok(probe) => {
+                    self.probe = Some(probe);
+                    // Keep to the strategy's pace across probers: a probe given
+                    // back (its caller gave up) is not an answer from the model.
+                    let resume = gate.asked() + wake::pace(self.config.wake_up);
+                    let now = Instant::now();
+                    if resume <= now {
+                        return Next::Send;
+                    }
+                    self.cold_since.get_or_insert(now);
+                    if self.last.is_none() {
+                        self.last = Some(gate.last());
+                    }
+                    // A budget that ends first ends without another request.
+                    let remaining = self.remaining();
+                    let pause = resume - now;
+                    return Next::Pause(Box::new(Nap {
+                        sleep: Box::pin(sleep(pause.min(remaining))),
+                        started: now,
+                        wake: Some((Arc::clone(&gate), wake)),
+                        gives_up: pause > remaining,
+                    }));
                 }
-                self.cold_since.get_or_insert(now);
-                if self.last.is_none() {
-                    self.last = Some(gate.last());
-                }
-                // A budget that ends first ends without another request.
-                let remaining = self.remaining();
-                let pause = resume - now;
-                return Next::Pause(Box::new(Nap {
-                    sleep: Box::pin(sleep(pause.min(remaining))),
-                    started: now,
-                    wake: Some((Arc::clone(&gate), wake)),
-                    gives_up: pause > remaining,
-                }));
-            }
+            };
+            // Counted as company before looking again: the gate cannot be
+            // forgotten as idle while this caller decides to wait on it.
             match self.config.registry.gate(key) {
-                Some(current) if Arc::ptr_eq(&current, &gate) => break wake,
+                Some(current) if Arc::ptr_eq(&current, &gate) => break (wake, company),
                 Some(current) => gate = current,
                 None => return Next::Send,
             }
@@ -368,18 +373,32 @@ impl<S> Call<S> {
             wake,
             deadline: Box::pin(sleep_until(deadline)),
             started: now,
-            company: gate.join(),
+            company,
         }))
     }
 
     /// Records the model's answer in the shared registry: loading (a gate,
     /// with this response as the latest), or anything else (the gate goes,
     /// every waiter is released).
+    ///
+    /// A call whose loading answer creates the gate probes it. A probe of an
+    /// older gate (one released by a warm answer in the meantime) is given
+    /// up: it no longer stands for the model.
     fn record(&mut self, loading: Option<&Arc<Snapshot>>) -> Option<Arc<Gate>> {
         match loading {
             Some(snapshot) => {
                 let key = self.registry_key()?;
-                Some(self.config.registry.mark_cold(key, Arc::clone(snapshot)))
+                let (gate, created) = self.config.registry.mark_cold(key, Arc::clone(snapshot));
+                if created.is_some() {
+                    self.probe = created;
+                } else if self
+                    .probe
+                    .as_ref()
+                    .is_some_and(|probe| !Arc::ptr_eq(probe.gate(), &gate))
+                {
+                    self.probe = None;
+                }
+                Some(gate)
             }
             None => {
                 if self.config.registry.any_cold() {
@@ -471,6 +490,17 @@ impl<S> Call<S> {
     {
         self.attempts += 1;
         if let Some(probe) = &self.probe {
+            #[cfg(test)]
+            if !self
+                .key
+                .flatten()
+                .and_then(|key| self.config.registry.gate(key))
+                .is_some_and(|current| Arc::ptr_eq(&current, probe.gate()))
+            {
+                let live = &self.config.registry.live;
+                live.stale_sends
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             probe.gate().asked_now();
         }
         self.service.call(req)
@@ -658,6 +688,10 @@ where
                 StateProj::Sleeping { nap } => {
                     let warm = ready!(nap.poll_over(cx, &call.config, call.key.flatten()));
                     call.waited += nap.started.elapsed();
+                    if warm {
+                        // The model was released: the probe stands for nothing.
+                        call.probe = None;
+                    }
                     if nap.gives_up && !warm {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(call.give_up()));

@@ -4,9 +4,13 @@
 //! [`Registry`]. Once a model (keyed by scheme, authority and path) answers
 //! "loading", it gets a [`Gate`]: one request at a time probes the model, the
 //! others wait in-process instead of each retrying upstream. The first answer
-//! that is not "loading" removes the gate and releases every waiter at once;
-//! a probe given back while nobody waits (every caller gave up) removes it
-//! too, so cold starts nobody waits for leave nothing behind.
+//! that is not "loading" removes the gate and releases every waiter at once.
+//!
+//! A gate lives only while somebody needs it: it is born with its probe in
+//! the hands of the caller whose answer created it, and the last of its
+//! prober and waiters to leave (answered, given up, or dropped unpolled)
+//! removes it. Both are decided under the gate's lock, so a gate nobody
+//! probes or waits on cannot be left behind.
 //!
 //! The warm path pays one relaxed atomic load: while no model is cold the
 //! registry is not locked and nothing is allocated. While some model is cold,
@@ -39,6 +43,19 @@ pub(crate) struct Registry {
     buckets: [AtomicU32; BUCKETS],
     gates: Mutex<HashMap<u64, Arc<Gate>>>,
     hasher: RandomState,
+    // Probes and waiters alive, for the life-cycle tests.
+    #[cfg(test)]
+    pub(crate) live: Live,
+}
+
+/// Counts of probes and waiters alive (tests only).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Live {
+    pub(crate) probes: AtomicUsize,
+    pub(crate) waiters: AtomicUsize,
+    // Requests sent under a probe of a gate that is no longer the model's.
+    pub(crate) stale_sends: AtomicUsize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -57,12 +74,12 @@ pub(crate) struct Gate {
     key: u64,
     state: Mutex<GateState>,
     notify: Arc<Notify>,
-    // Callers waiting for the probe: the prober polls faster for company.
-    waiting: AtomicUsize,
 }
 
 struct GateState {
     probing: bool,
+    // Callers waiting for the probe: the prober polls faster for company.
+    waiting: usize,
     // When the model was last asked: the first loading answer, then each
     // probe sent. A prober taking over keeps to the strategy's pace.
     asked: tokio::time::Instant,
@@ -142,40 +159,51 @@ impl Registry {
         lock(&self.gates).get(&key).cloned()
     }
 
-    /// Records a loading response for `key`, creating its gate if needed.
-    pub(crate) fn mark_cold(self: &Arc<Self>, key: u64, last: Arc<Snapshot>) -> Arc<Gate> {
+    /// Records a loading response for `key`. A new gate is born probed: the
+    /// probe comes back for the caller whose answer created it, so that no
+    /// gate exists that nobody is in charge of. An existing gate keeps its
+    /// prober (`None`), and its waiters hear of the new answer.
+    pub(crate) fn mark_cold(
+        self: &Arc<Self>,
+        key: u64,
+        last: Arc<Snapshot>,
+    ) -> (Arc<Gate>, Option<Probe>) {
         let mut gates = lock(&self.gates);
         if let Some(gate) = gates.get(&key) {
             lock(&gate.state).last = last;
-            return Arc::clone(gate);
+            gate.notify.notify_waiters();
+            return (Arc::clone(gate), None);
         }
         let gate = Arc::new(Gate {
             registry: Arc::downgrade(self),
             key,
             state: Mutex::new(GateState {
-                probing: false,
+                probing: true,
+                waiting: 0,
                 asked: tokio::time::Instant::now(),
                 last,
             }),
             notify: Arc::new(Notify::new()),
-            waiting: AtomicUsize::new(0),
         });
         gates.insert(key, Arc::clone(&gate));
+        drop(gates);
         self.bucket(key).fetch_add(1, Ordering::Relaxed);
         self.cold.fetch_add(1, Ordering::Relaxed);
-        gate
+        let probe = Probe::new(Arc::clone(&gate));
+        (gate, Some(probe))
     }
 
-    /// Drops `key`'s gate if it is still `gate` (nobody waits on it).
-    fn forget(&self, key: u64, gate: &Arc<Gate>) {
+    /// Drops `gate` if it is still `key`'s and nobody probes or waits on it.
+    /// Locks in the order `mark_cold` does: the registry, then the gate.
+    fn forget_if_idle(&self, gate: &Arc<Gate>) {
         let mut gates = lock(&self.gates);
-        if gates
-            .get(&key)
-            .is_some_and(|current| Arc::ptr_eq(current, gate))
-        {
-            gates.remove(&key);
+        let current = gates
+            .get(&gate.key)
+            .is_some_and(|current| Arc::ptr_eq(current, gate));
+        if current && lock(&gate.state).idle() {
+            gates.remove(&gate.key);
             drop(gates);
-            self.bucket(key).fetch_sub(1, Ordering::Relaxed);
+            self.bucket(gate.key).fetch_sub(1, Ordering::Relaxed);
             self.cold.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -194,23 +222,42 @@ impl Registry {
         }
     }
 
-    #[cfg(test)]
+    /// How many models are cold.
     pub(crate) fn cold_models(&self) -> usize {
         self.cold.load(Ordering::Relaxed)
     }
 }
 
+impl GateState {
+    /// Nobody probes the model or waits for it.
+    fn idle(&self) -> bool {
+        !self.probing && self.waiting == 0
+    }
+}
+
 impl Gate {
-    /// Takes the probe if nobody holds it.
-    pub(crate) fn try_probe(self: &Arc<Self>) -> Option<Probe> {
+    /// Takes the probe if nobody holds it, or else joins the callers waiting
+    /// for it: one decision under the lock, so that the gate is never seen
+    /// idle in between.
+    pub(crate) fn probe_or_join(self: &Arc<Self>) -> Result<Probe, Company> {
         let mut state = lock(&self.state);
         if state.probing {
-            return None;
+            state.waiting += 1;
+            drop(state);
+            return Err(Company::new(Arc::clone(self)));
         }
         state.probing = true;
-        Some(Probe {
-            gate: Arc::clone(self),
-        })
+        drop(state);
+        Ok(Probe::new(Arc::clone(self)))
+    }
+
+    /// Forgets this gate if nobody is left on it.
+    fn leave(self: &Arc<Self>, idle: bool) {
+        if idle {
+            if let Some(registry) = self.registry.upgrade() {
+                registry.forget_if_idle(self);
+            }
+        }
     }
 
     /// Records that the prober sent a request now.
@@ -228,17 +275,9 @@ impl Gate {
         Arc::clone(&lock(&self.state).last)
     }
 
-    /// Counts a caller waiting for this gate's probe until the guard drops.
-    pub(crate) fn join(self: &Arc<Self>) -> Company {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        Company {
-            gate: Arc::clone(self),
-        }
-    }
-
     /// Whether callers wait for this gate's probe.
     pub(crate) fn has_company(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed) > 0
+        lock(&self.state).waiting > 0
     }
 
     /// A wake-up for the next change (probe given back, model warm),
@@ -252,6 +291,15 @@ impl Gate {
 }
 
 impl Probe {
+    /// A probe of `gate`, whose state already says it is probed.
+    fn new(gate: Arc<Gate>) -> Self {
+        #[cfg(test)]
+        if let Some(registry) = gate.registry.upgrade() {
+            registry.live.probes.fetch_add(1, Ordering::Relaxed);
+        }
+        Probe { gate }
+    }
+
     /// The gate this probe belongs to.
     pub(crate) fn gate(&self) -> &Arc<Gate> {
         &self.gate
@@ -264,6 +312,15 @@ pub(crate) struct Company {
 }
 
 impl Company {
+    /// A waiter on `gate`, already counted in its state.
+    fn new(gate: Arc<Gate>) -> Self {
+        #[cfg(test)]
+        if let Some(registry) = gate.registry.upgrade() {
+            registry.live.waiters.fetch_add(1, Ordering::Relaxed);
+        }
+        Company { gate }
+    }
+
     /// The gate this caller waits on.
     pub(crate) fn gate(&self) -> &Arc<Gate> {
         &self.gate
@@ -272,19 +329,39 @@ impl Company {
 
 impl Drop for Company {
     fn drop(&mut self) {
-        self.gate.waiting.fetch_sub(1, Ordering::Relaxed);
+        #[cfg(test)]
+        if let Some(registry) = self.gate.registry.upgrade() {
+            registry.live.waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+        let idle = {
+            let mut state = lock(&self.gate.state);
+            state.waiting -= 1;
+            state.idle()
+        };
+        self.gate.leave(idle);
     }
 }
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        lock(&self.gate.state).probing = false;
-        if !self.gate.has_company() {
-            if let Some(registry) = self.gate.registry.upgrade() {
-                registry.forget(self.gate.key, &self.gate);
-            }
+        #[cfg(test)]
+        if let Some(registry) = self.gate.registry.upgrade() {
+            registry.live.probes.fetch_sub(1, Ordering::Relaxed);
         }
+        let idle = {
+            let mut state = lock(&self.gate.state);
+            state.probing = false;
+            state.idle()
+        };
+        self.gate.leave(idle);
+        // A waiter takes the probe over.
         self.gate.notify.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Company {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Company")
     }
 }
 
@@ -319,37 +396,69 @@ mod tests {
     }
 
     #[test]
-    fn one_probe_at_a_time_and_given_back_on_drop() {
+    fn a_new_gate_is_born_probed_by_its_creator() {
         let registry = Arc::new(Registry::default());
-        let gate = registry.mark_cold(1, snapshot());
-        let _waiter = gate.join();
-        let probe = gate.try_probe().expect("free");
-        assert!(gate.try_probe().is_none());
-        drop(probe);
-        assert!(gate.try_probe().is_some());
+        let (gate, probe) = registry.mark_cold(1, snapshot());
+        assert!(probe.is_some());
+        let (again, none) = registry.mark_cold(1, snapshot());
+        assert!(Arc::ptr_eq(&gate, &again));
+        assert!(none.is_none(), "an existing gate keeps its prober");
+        assert!(gate.probe_or_join().is_err(), "one probe at a time");
     }
 
     #[test]
-    fn a_probe_given_back_with_nobody_waiting_forgets_the_model() {
+    fn one_probe_at_a_time_and_given_back_on_drop() {
         let registry = Arc::new(Registry::default());
-        let gate = registry.mark_cold(9, snapshot());
-        drop(gate.try_probe().unwrap());
+        let (gate, probe) = registry.mark_cold(1, snapshot());
+        let waiter = gate.probe_or_join().expect_err("probed");
+        drop(probe);
+        let probe = gate.probe_or_join().expect("given back");
+        drop(waiter);
+        assert_eq!(registry.cold_models(), 1, "the prober is still on it");
+        drop(probe);
+        assert_eq!(registry.cold_models(), 0);
+    }
+
+    #[test]
+    fn the_last_to_leave_forgets_the_model_prober_or_waiter() {
+        let registry = Arc::new(Registry::default());
+        // The prober leaves last.
+        let (gate, probe) = registry.mark_cold(9, snapshot());
+        drop(gate.probe_or_join().expect_err("probed"));
+        assert_eq!(registry.cold_models(), 1);
+        drop(probe);
         assert_eq!(registry.cold_models(), 0);
         assert!(registry.gate(9).is_none());
         assert!(!registry.any_cold(), "the warm path is lock-free again");
-        // A newer gate for the same model is not the old probe's to forget.
-        let old = registry.mark_cold(9, snapshot());
-        let probe = old.try_probe().unwrap();
-        registry.mark_warm(9);
-        let new = registry.mark_cold(9, snapshot());
+        // The waiters leave last, unpolled.
+        let (gate, probe) = registry.mark_cold(9, snapshot());
+        let waiters: Vec<_> = (0..3).map(|_| gate.probe_or_join().unwrap_err()).collect();
         drop(probe);
+        assert_eq!(registry.cold_models(), 1);
+        drop(waiters);
+        assert_eq!(registry.cold_models(), 0);
+        assert!(registry
+            .buckets
+            .iter()
+            .all(|b| b.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn a_newer_gate_is_not_an_older_probe_to_forget() {
+        let registry = Arc::new(Registry::default());
+        let (_, old) = registry.mark_cold(9, snapshot());
+        registry.mark_warm(9);
+        let (new, new_probe) = registry.mark_cold(9, snapshot());
+        drop(old);
         assert!(registry.gate(9).is_some_and(|g| Arc::ptr_eq(&g, &new)));
+        drop(new_probe);
+        assert!(registry.gate(9).is_none());
     }
 
     #[tokio::test]
     async fn warm_drops_the_gate_and_wakes_every_waiter() {
         let registry = Arc::new(Registry::default());
-        let gate = registry.mark_cold(7, snapshot());
+        let (gate, _probe) = registry.mark_cold(7, snapshot());
         assert_eq!(registry.cold_models(), 1);
         let waiters: Vec<_> = (0..3).map(|_| gate.wake_up()).collect();
         registry.mark_warm(7);
@@ -366,7 +475,7 @@ mod tests {
     fn a_warm_model_in_another_bucket_is_known_warm_without_the_lock() {
         let registry = Arc::new(Registry::default());
         let cold = 3 * BUCKETS as u64 + 5;
-        registry.mark_cold(cold, snapshot());
+        let _probe = registry.mark_cold(cold, snapshot());
         assert!(registry.may_be_cold(cold));
         assert!(registry.may_be_cold(5), "same bucket: looked up");
         assert!(registry.gate(5).is_none());
@@ -382,10 +491,10 @@ mod tests {
     #[test]
     fn company_is_counted_while_it_waits() {
         let registry = Arc::new(Registry::default());
-        let gate = registry.mark_cold(1, snapshot());
+        let (gate, _probe) = registry.mark_cold(1, snapshot());
         assert!(!gate.has_company());
-        let one = gate.join();
-        let two = gate.join();
+        let one = gate.probe_or_join().unwrap_err();
+        let two = gate.probe_or_join().unwrap_err();
         assert!(gate.has_company());
         drop(one);
         assert!(gate.has_company());
@@ -396,9 +505,8 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_probe_wakes_the_waiters() {
         let registry = Arc::new(Registry::default());
-        let gate = registry.mark_cold(7, snapshot());
-        let _waiter = gate.join();
-        let probe = gate.try_probe().unwrap();
+        let (gate, probe) = registry.mark_cold(7, snapshot());
+        let _waiter = gate.probe_or_join().unwrap_err();
         let waiter = gate.wake_up();
         drop(probe);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)

@@ -109,13 +109,20 @@ impl fmt::Debug for Config {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct ColdStartRetryLayer {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl ColdStartRetryLayer {
     /// A layer with the HuggingFace defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many models the services of this layer hold as cold now: each
+    /// one has callers probing it or waiting for it. A gauge for metrics;
+    /// `0` while every model is warm.
+    pub fn cold_models(&self) -> usize {
+        self.config.registry.cold_models()
     }
 
     /// The most time spent on one cold start, counted from the first loading

@@ -169,6 +169,8 @@ pub mod future;
 mod gate;
 mod head;
 mod layer;
+#[cfg(test)]
+mod lifecycle_tests;
 mod replay;
 mod report;
 mod service;

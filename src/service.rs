@@ -48,6 +48,13 @@ impl<S> ColdStartRetry<S> {
         &mut self.inner
     }
 
+    /// How many models this service's layer holds as cold now: each one has
+    /// callers probing it or waiting for it. A gauge for metrics; `0` while
+    /// every model is warm.
+    pub fn cold_models(&self) -> usize {
+        self.config.registry.cold_models()
+    }
+
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner

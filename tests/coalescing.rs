@@ -227,3 +227,115 @@ async fn a_warm_answer_to_a_request_already_in_flight_releases_the_waiters() {
     );
     assert_eq!(b.await.unwrap().0, 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_model_whose_callers_are_all_dropped_unpolled_is_forgotten() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(100), 20.0, false),
+    )])
+    .await;
+    let client = layered(ColdStartRetryLayer::new().jitter(false));
+    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiter = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.cold_models(), 1);
+    // A server drops the handlers of clients that went away: the prober's
+    // task first, then the waiter's, neither polled again.
+    prober.abort();
+    waiter.abort();
+    assert!(prober.await.unwrap_err().is_cancelled());
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    assert_eq!(client.cold_models(), 0, "nobody probes or waits on it");
+    assert_eq!(server.count(), 1);
+
+    // The model is warm now: the next call goes straight out, no pause.
+    server.set_model(MODEL, Model::Warm);
+    let start = Instant::now();
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = client.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(report(&response).attempts(), 1);
+    assert_eq!(report(&response).waited(), Duration::ZERO);
+    assert_eq!(server.received()[1].at, start, "sent at once");
+}
+
+/// A model that keeps loading for `p`'s requests; `a`'s first request meets
+/// a gateway error (not loading) half a second in.
+fn loading_but_one_gateway_error() -> Model {
+    Model::script(|request, _| {
+        let loading = (
+            503,
+            vec![("content-type", "application/json".to_owned())],
+            loading_body("gpt2", Some("20.0")),
+        );
+        match request.headers.get("x-caller").map(|v| v.as_bytes()) {
+            Some(b"a") => (
+                Duration::from_millis(500),
+                (503, vec![], Bytes::from_static(b"upstream connect error")),
+            ),
+            _ => (Duration::from_millis(100), loading),
+        }
+    })
+}
+
+async fn tagged(client: Layered, url: String, tag: &'static str) -> u16 {
+    let request = Request::post(url)
+        .header("x-caller", tag)
+        .body(Full::new(Bytes::from(tag)))
+        .unwrap();
+    client.oneshot(request).await.unwrap().status().as_u16()
+}
+
+fn polling_every_second() -> Layered {
+    layered(
+        ColdStartRetryLayer::new()
+            .wake_up(tower_cold_start::WakeUp::Poll(Duration::from_secs(1)))
+            .jitter(false)
+            .max_total_wait(Duration::from_secs(4)),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prober_that_meets_loading_again_after_a_warm_release_keeps_probing_alone() {
+    let server = HfServer::start([(MODEL, loading_but_one_gateway_error())]).await;
+    let client = polling_every_second();
+    // Both sent at once; `p` meets "loading" at 0.1 s and probes, `a` meets a
+    // gateway error at 0.5 s, which releases the model; `p`'s next probe
+    // meets "loading" again.
+    let p = tokio::spawn(tagged(client.clone(), server.url(MODEL), "p"));
+    let a = tokio::spawn(tagged(client.clone(), server.url(MODEL), "a"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.await.unwrap(), 503);
+    // `c` arrives while `p` probes: it must wait behind `p`, not probe too.
+    let c = tokio::spawn(tagged(client.clone(), server.url(MODEL), "c"));
+    assert_eq!(p.await.unwrap(), 503, "gave up at its budget");
+    let p_done = Instant::now();
+    let from_c: Vec<_> = server
+        .received()
+        .into_iter()
+        .filter(|r| r.headers["x-caller"] == "c")
+        .collect();
+    assert!(
+        from_c.iter().all(|r| r.at >= p_done),
+        "c sent while p probed: {:?}",
+        server.offsets()
+    );
+    assert_eq!(c.await.unwrap(), 503);
+    assert_eq!(client.cold_models(), 0, "every caller is done");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prober_that_meets_loading_again_after_a_warm_release_leaves_nothing_when_it_gives_up() {
+    let server = HfServer::start([(MODEL, loading_but_one_gateway_error())]).await;
+    let client = polling_every_second();
+    let p = tokio::spawn(tagged(client.clone(), server.url(MODEL), "p"));
+    let a = tokio::spawn(tagged(client.clone(), server.url(MODEL), "a"));
+    assert_eq!(a.await.unwrap(), 503);
+    assert_eq!(p.await.unwrap(), 503);
+    assert!(server.count() >= 4, "p probed after the release");
+    assert_eq!(client.cold_models(), 0, "every caller is done");
+}

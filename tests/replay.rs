@@ -334,7 +334,10 @@ fn upload_with_trailers(
 async fn request_trailers_reach_the_server_over_http1_on_the_warm_path_and_every_retry() {
     let server = HfServer::start([
         ("/models/warm", Model::Warm),
-        ("/models/cold", Model::cold_with(Duration::from_secs(3), 2.0, false)),
+        (
+            "/models/cold",
+            Model::cold_with(Duration::from_secs(3), 2.0, false),
+        ),
     ])
     .await;
     // The bare client delivers them: the layer must not do worse.
@@ -342,17 +345,35 @@ async fn request_trailers_reach_the_server_over_http1_on_the_warm_path_and_every
     http1().oneshot(request).await.unwrap();
     let layer = ServiceBuilder::new().layer(advised().jitter(false));
     let (request, _) = upload_with_trailers(server.url("/models/warm"), &[b"a", b"b"]);
-    layer.clone().service(http1()).oneshot(request).await.unwrap();
+    layer
+        .clone()
+        .service(http1())
+        .oneshot(request)
+        .await
+        .unwrap();
     let (request, _) = upload_with_trailers(server.url("/models/cold"), &[b"a", b"b"]);
     let response = layer.service(http1()).oneshot(request).await.unwrap();
     assert_eq!(response.status(), 200);
 
     let received = server.received();
-    assert_eq!(received.len(), 1 + 1 + 3, "bare, warm, and cold at 0, 2 and 4 s");
+    assert_eq!(
+        received.len(),
+        1 + 1 + 3,
+        "bare, warm, and cold at 0, 2 and 4 s"
+    );
     for r in &received {
         assert_eq!(&r.body[..], b"ab", "{} {:?}", r.uri, r.headers);
-        assert_eq!(r.trailers.as_ref(), Some(&trailers), "{} {:?}", r.uri, r.headers);
-        assert!(!r.headers.contains_key("content-length"), "chunked, as the caller sent it");
+        assert_eq!(
+            r.trailers.as_ref(),
+            Some(&trailers),
+            "{} {:?}",
+            r.uri,
+            r.headers
+        );
+        assert!(
+            !r.headers.contains_key("content-length"),
+            "chunked, as the caller sent it"
+        );
     }
 }
 

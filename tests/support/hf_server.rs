@@ -68,6 +68,10 @@ pub enum Model {
     /// `ready_after` since its first request; a request carrying
     /// `X-Scale-Up-Timeout: N` is held until ready if that is within N s.
     Endpoint { ready_after: Duration, status: u16 },
+    /// Answers what the script says for each request (with the number of
+    /// requests this path received, this one included), after the delay it
+    /// gives.
+    Script(Script),
     /// Always answers this.
     Fixed {
         status: StatusCode,
@@ -76,7 +80,30 @@ pub enum Model {
     },
 }
 
+/// What a script says for one request: wait this long, then answer this.
+pub type Scripted = (Duration, Canned);
+
+/// A scripted answer per request: a delay, then a canned answer.
+#[derive(Clone)]
+pub struct Script(pub Arc<ScriptFn>);
+
+/// The script's function: the request, and how many this path received.
+pub type ScriptFn = dyn Fn(&Received, usize) -> Scripted + Send + Sync;
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Script")
+    }
+}
+
 impl Model {
+    /// Answers each request with `script(request, nth)` after its delay.
+    pub fn script(
+        script: impl Fn(&Received, usize) -> Scripted + Send + Sync + 'static,
+    ) -> Self {
+        Model::Script(Script(Arc::new(script)))
+    }
+
     /// Cold for `ready_after`, with HuggingFace's usual estimate of 20 s,
     /// honouring the hold header.
     pub fn cold(ready_after: Duration) -> Self {
@@ -273,19 +300,20 @@ impl HfServer {
             .headers
             .get("x-wait-for-model")
             .is_some_and(|v| v == "true" || v == "1");
+        let received = Received {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            trailers,
+            at: now,
+        };
         let (model, first_seen, nth, answer) = {
             let mut state = self.state.lock().unwrap();
             state.count += 1;
             if !state.not_recording {
-                state.received.push(Received {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    version: parts.version,
-                    headers: parts.headers.clone(),
-                    body: body.clone(),
-                    trailers,
-                    at: now,
-                });
+                state.received.push(received.clone());
             }
             let first_seen = *state.first_seen.entry(path.clone()).or_insert(now);
             let seen = state.seen.entry(path.clone()).or_insert(0);
@@ -312,6 +340,16 @@ impl HfServer {
                 *response.status_mut() = status;
                 for (name, value) in headers {
                     response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                response
+            }
+            Some(Model::Script(Script(script))) => {
+                let (delay, (status, headers, body)) = script(&received, nth);
+                tokio::time::sleep(delay).await;
+                let mut response = Response::new(Full::new(body));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                for (name, value) in headers {
+                    response.headers_mut().append(name, value.parse().unwrap());
                 }
                 response
             }
