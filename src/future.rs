@@ -20,9 +20,9 @@ use crate::classify::{PEEK_LIMIT, PEEK_TIMEOUT};
 use crate::gate::{Company, Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
-use crate::replay::{self, Buffered, Buffering, Plan, Reader};
+use crate::replay::{self, Allowance, Buffered, Buffering, Plan, Reader};
 use crate::wake::{self, Answer};
-use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent};
+use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent, Unbuffered};
 
 pin_project! {
     /// Response future of [`ColdStartRetry`](crate::ColdStartRetry).
@@ -67,6 +67,18 @@ struct Call<S> {
     key: Option<Option<u64>>,
     // Held while this call is the one probing a cold model.
     probe: Option<Probe>,
+    // Bytes this call holds in the layer's replay pool.
+    pooled: usize,
+    // Why the body was not buffered, if it was not.
+    unbuffered: Option<Unbuffered>,
+}
+
+impl<S> Drop for Call<S> {
+    fn drop(&mut self) {
+        if self.pooled > 0 {
+            self.config.pool.give_back(self.pooled);
+        }
+    }
 }
 
 /// A 503 whose body is being read.
@@ -242,8 +254,12 @@ where
             last: None,
             key: None,
             probe: None,
+            pooled: 0,
+            unbuffered: None,
         };
-        let state = match replay::plan(body, call.config.body_limit) {
+        let config = Arc::clone(&call.config);
+        let plan = replay::plan(body, config.body_limit, call.allowance(&config));
+        let state = match plan {
             Plan::Read(source) => {
                 call.parts = Some(parts);
                 State::Buffering {
@@ -266,9 +282,10 @@ where
                     Next::Pause(nap) => State::Sleeping { nap },
                 }
             }
-            Plan::Stream(body) => {
+            Plan::Stream(body, reason) => {
                 // Too large to buffer: one attempt, no retry.
                 call.attempts = 1;
+                call.unbuffered = Some(reason);
                 State::Calling {
                     future: call.service.call(Request::from_parts(parts, body)),
                 }
@@ -279,6 +296,16 @@ where
 }
 
 impl<S> Call<S> {
+    /// This call's share of the layer's replay pool (`config` is this
+    /// call's own, borrowed apart).
+    fn allowance<'a>(&'a mut self, config: &'a Config) -> Allowance<'a> {
+        Allowance {
+            pool: &config.pool,
+            cap: config.total_body_limit,
+            held: &mut self.pooled,
+        }
+    }
+
     fn registry_key(&mut self) -> Option<u64> {
         if let Some(key) = self.key {
             return key;
@@ -413,7 +440,7 @@ impl<S> Call<S> {
     }
 
     fn report(&self) -> ColdStartReport {
-        ColdStartReport::new(self.attempts, self.waited)
+        ColdStartReport::new(self.attempts, self.waited, self.unbuffered)
     }
 
     /// The latest loading response, exactly as it came.
@@ -546,7 +573,10 @@ where
         let call = this.call;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { reader } => match ready!(reader.poll_read(cx)) {
+                StateProj::Buffering { reader } => match ready!({
+                    let config = Arc::clone(&call.config);
+                    reader.poll_read(cx, call.allowance(&config))
+                }) {
                     Err(error) => {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
@@ -566,9 +596,10 @@ where
                             Next::Pause(nap) => this.state.set(State::Sleeping { nap }),
                         }
                     }
-                    Ok(Buffering::Overflow(body)) => {
+                    Ok(Buffering::Overflow(body, reason)) => {
                         let parts = call.parts.take().expect("kept until sent");
                         call.attempts += 1;
+                        call.unbuffered = Some(reason);
                         let future = call.service.call(Request::from_parts(parts, body));
                         this.state.set(State::Calling { future });
                     }
@@ -589,6 +620,9 @@ where
                             // Maybe loading, unread (the last attempt, or a
                             // large body): not proof that the model is warm.
                             call.probe = None;
+                            if let Some(reason) = call.unbuffered {
+                                warn_unbuffered(response.status(), reason);
+                            }
                         } else {
                             call.record(None);
                         }
@@ -858,6 +892,15 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         hook(&event);
     }
     Some(wait)
+}
+
+/// A call that could not be retried met what may be a cold start.
+fn warn_unbuffered(status: http::StatusCode, reason: Unbuffered) {
+    tracing::warn!(
+        status = status.as_u16(),
+        reason = reason.as_str(),
+        "response may be a cold start, but the request body was not buffered; not retried"
+    );
 }
 
 fn past_budget(config: &Config, cold_since: Option<Instant>) -> bool {

@@ -26,6 +26,9 @@ pub(crate) struct Config {
     pub(crate) default_wait: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) body_limit: usize,
+    pub(crate) total_body_limit: usize,
+    // Shared by every service this layer makes (and their clones).
+    pub(crate) pool: Arc<crate::replay::Pool>,
     pub(crate) wait_for_model: bool,
     pub(crate) on_retry: Option<RetryHook>,
     // Shared by every service this layer makes (and their clones).
@@ -54,6 +57,8 @@ impl Default for Config {
             default_wait: Duration::from_secs(20),
             max_attempts: u32::MAX,
             body_limit: 8 * 1024 * 1024,
+            total_body_limit: 128 * 1024 * 1024,
+            pool: Arc::default(),
             wait_for_model: true,
             on_retry: None,
             registry: Arc::default(),
@@ -73,6 +78,7 @@ impl fmt::Debug for Config {
             .field("default_wait", &self.default_wait)
             .field("max_attempts", &self.max_attempts)
             .field("body_limit", &self.body_limit)
+            .field("total_body_limit", &self.total_body_limit)
             .field("wait_for_model", &self.wait_for_model)
             .field(
                 "on_retry",
@@ -170,11 +176,30 @@ impl ColdStartRetryLayer {
     }
 
     /// The largest request body, in bytes, that is buffered for replay. A
-    /// larger body is streamed once, intact, and never retried.
+    /// larger body is streamed once, intact, and never retried (its report
+    /// says [`Unbuffered::BodyLimit`](crate::Unbuffered::BodyLimit)).
+    ///
+    /// Note that buffering delays the upload: the server receives nothing
+    /// of a request until its whole body (up to this limit) has arrived, and
+    /// each call in flight may hold this much.
     ///
     /// Default: 8 MiB.
     pub fn body_limit(mut self, body_limit: usize) -> Self {
         Arc::make_mut(&mut self.config).body_limit = body_limit;
+        self
+    }
+
+    /// The most bytes that all calls in flight through this layer's services
+    /// hold for replay together. A call whose body would pass it is streamed
+    /// once, intact, and never retried (its report says
+    /// [`Unbuffered::TotalLimit`](crate::Unbuffered::TotalLimit)); a call
+    /// holds its bytes until its response future is dropped.
+    ///
+    /// Default: 128 MiB: sixteen bodies at the default `body_limit`, or
+    /// some 60,000 JSON requests of 2 KiB, so that a proxy's memory stays
+    /// bounded however many uploads arrive at once.
+    pub fn total_body_limit(mut self, total_body_limit: usize) -> Self {
+        Arc::make_mut(&mut self.config).total_body_limit = total_body_limit;
         self
     }
 

@@ -71,9 +71,13 @@
 //!   [`body_limit`](ColdStartRetryLayer::body_limit)) so that every attempt
 //!   sends the same method, URI, version, headers, extensions, bytes and
 //!   trailers. A body that is exactly one chunk (`Full<Bytes>`) is never
-//!   copied. A larger body is streamed once, intact, and never retried. A
-//!   request body that fails while it is read fails the call with that error,
-//!   and nothing is sent.
+//!   copied. The server receives nothing until the whole body has been read.
+//!   A larger body, or one that would take the bodies held by all calls in
+//!   flight past [`total_body_limit`](ColdStartRetryLayer::total_body_limit),
+//!   is streamed once, intact, and never retried; its report says why
+//!   ([`ColdStartReport::unbuffered`]), and a `WARN` event does too when its
+//!   answer may be a cold start. A request body that fails while it is read
+//!   fails the call with that error, and nothing is sent.
 //! - **Classification.** With the default [`HuggingFace`](classifier::HuggingFace)
 //!   classifier (see [`classifier`] for Inference Endpoints, TGI, `Retry-After`
 //!   and your own), a response is a cold start when its status is `503`
@@ -180,7 +184,7 @@ mod warm;
 pub use body::ResponseBody;
 pub use layer::ColdStartRetryLayer;
 pub use replay::RequestBody;
-pub use report::{ColdStartReport, RetryEvent};
+pub use report::{ColdStartReport, RetryEvent, Unbuffered};
 pub use service::ColdStartRetry;
 pub use wake::WakeUp;
 pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUp};

@@ -12,8 +12,8 @@
 //! 2. once the model's latest answer released it (anything but "loading";
 //!    a transport error is no answer), nobody waits for it and it is not
 //!    held as cold;
-//! 3. once every caller has finished or been dropped, the registry is empty:
-//!    no gate, no probe, no waiter.
+//! 3. once every caller has finished or been dropped, the registry is empty
+//!    (no gate, no probe, no waiter), and so is the pool of buffered bodies.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -166,6 +166,7 @@ fn run(wake_up: WakeUp, steps: Vec<Step>) -> Result<(), TestCaseError> {
             .jitter(false)
             .max_total_wait(Duration::from_secs(10));
         let registry = Arc::clone(&layer.config.registry);
+        let pool = Arc::clone(&layer.config.pool);
         let client = tower::ServiceBuilder::new().layer(layer).service(backend);
         let mut callers: VecDeque<JoinHandle<()>> = VecDeque::new();
 
@@ -189,6 +190,7 @@ fn run(wake_up: WakeUp, steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             if callers.is_empty() {
                 prop_assert_eq!((probes, waiters, cold), (0, 0, 0), "{}: nobody left", at);
+                prop_assert_eq!(pool.used(), 0, "{}: bodies still held", at);
             }
             Ok(())
         };

@@ -5,12 +5,60 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::BoxError;
+use crate::{BoxError, Unbuffered};
+
+/// The bytes that all calls in flight through one layer hold for replay,
+/// against the layer's `total_body_limit`.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    used: AtomicUsize,
+}
+
+/// A call's share of the [`Pool`]: what it may still take, and what it holds.
+pub(crate) struct Allowance<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) cap: usize,
+    // Given back to the pool when the call ends.
+    pub(crate) held: &'a mut usize,
+}
+
+impl Pool {
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Gives `n` held bytes back.
+    pub(crate) fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Allowance<'_> {
+    /// Takes `n` more bytes from the pool, if that stays within the cap.
+    fn take(&mut self, n: usize) -> bool {
+        let before = self.pool.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.cap {
+            self.pool.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        *self.held += n;
+        true
+    }
+
+    /// Gives back everything this call holds.
+    fn give_back(&mut self) {
+        self.pool.give_back(std::mem::take(self.held));
+    }
+}
 
 /// The request body the inner service receives.
 ///
@@ -170,8 +218,8 @@ pub(crate) enum Source<B> {
 pub(crate) enum Buffering<B> {
     /// The whole body is in memory: it can be replayed.
     Done(Buffered),
-    /// The body passed the limit: send it once, as it is.
-    Overflow(RequestBody<B>),
+    /// The body passed a limit: send it once, as it is.
+    Overflow(RequestBody<B>, Unbuffered),
 }
 
 /// The error for a body whose `size_hint` promised fewer bytes than it sent.
@@ -226,6 +274,7 @@ where
     pub(crate) fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
+        mut allowance: Allowance<'_>,
     ) -> Poll<Result<Buffering<B>, BoxError>> {
         let mut this = self.project();
         loop {
@@ -256,16 +305,27 @@ where
                 continue;
             }
             *this.len = this.len.saturating_add(data.len());
-            if *this.len > *this.limit {
+            let over = if *this.len > *this.limit {
+                Some(Unbuffered::BodyLimit)
+            } else if this.boxed.is_some() && !allowance.take(data.len()) {
+                // (A body read in place took its whole size up front.)
+                Some(Unbuffered::TotalLimit)
+            } else {
+                None
+            };
+            if let Some(reason) = over {
                 let Some(rest) = this.boxed.take() else {
                     // Only a body with an exact hint within the limit is
                     // read in place, and it just broke that promise.
                     return Poll::Ready(Err(BodyLongerThanHint.into()));
                 };
+                // Streamed out from here on: no longer held for replay.
+                allowance.give_back();
                 let mut prefix: VecDeque<Bytes> = this.first.take().into_iter().collect();
                 prefix.extend(this.more.drain(..));
                 prefix.push_back(data);
-                return Poll::Ready(Ok(Buffering::Overflow(RequestBody::stream(prefix, rest))));
+                let body = RequestBody::stream(prefix, rest);
+                return Poll::Ready(Ok(Buffering::Overflow(body, reason)));
             }
             if this.first.is_none() {
                 *this.first = Some(data);
@@ -298,21 +358,26 @@ pub(crate) enum Plan<B> {
     Empty,
     /// Read it (in place or boxed).
     Read(Source<B>),
-    /// Known to be over the limit: stream it once, unread.
-    Stream(RequestBody<B>),
+    /// Known to be over a limit: stream it once, unread.
+    Stream(RequestBody<B>, Unbuffered),
 }
 
-pub(crate) fn plan<B: Body>(body: B, limit: usize) -> Plan<B> {
+/// A body of an exact size within `limit` takes that size from the pool up
+/// front (it is read in place, and could not be handed on half-read); any
+/// other takes its chunks as they come.
+pub(crate) fn plan<B: Body>(body: B, limit: usize, mut allowance: Allowance<'_>) -> Plan<B> {
     if body.is_end_stream() {
         return Plan::Empty;
     }
     let hint = body.size_hint();
-    let limit = limit as u64;
-    if hint.lower() > limit {
-        return Plan::Stream(RequestBody::stream(VecDeque::new(), Box::pin(body)));
+    let stream =
+        |body, reason| Plan::Stream(RequestBody::stream(VecDeque::new(), Box::pin(body)), reason);
+    if hint.lower() > limit as u64 {
+        return stream(body, Unbuffered::BodyLimit);
     }
     match hint.exact() {
-        Some(n) if n <= limit => Plan::Read(Source::Fits(body)),
-        _ => Plan::Read(Source::MayOverflow(Box::pin(body))),
+        Some(n) if allowance.take(n as usize) => Plan::Read(Source::Fits(body)),
+        Some(_) => stream(body, Unbuffered::TotalLimit),
+        None => Plan::Read(Source::MayOverflow(Box::pin(body))),
     }
 }

@@ -19,11 +19,39 @@ use http::Uri;
 pub struct ColdStartReport {
     attempts: u32,
     waited: Duration,
+    unbuffered: Option<Unbuffered>,
+}
+
+/// Why a call's request body was not buffered, so that the call could not be
+/// retried: its request was sent once, as it came, whatever the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unbuffered {
+    /// The body is larger than
+    /// [`body_limit`](crate::ColdStartRetryLayer::body_limit).
+    BodyLimit,
+    /// The bodies that calls in flight hold already fill
+    /// [`total_body_limit`](crate::ColdStartRetryLayer::total_body_limit).
+    TotalLimit,
+}
+
+impl Unbuffered {
+    /// The reason in a few words, for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Unbuffered::BodyLimit => "request body over body_limit",
+            Unbuffered::TotalLimit => "buffered request bodies at total_body_limit",
+        }
+    }
 }
 
 impl ColdStartReport {
-    pub(crate) fn new(attempts: u32, waited: Duration) -> Self {
-        ColdStartReport { attempts, waited }
+    pub(crate) fn new(attempts: u32, waited: Duration, unbuffered: Option<Unbuffered>) -> Self {
+        ColdStartReport {
+            attempts,
+            waited,
+            unbuffered,
+        }
     }
 
     /// How many requests were sent upstream for this call, the first included.
@@ -42,6 +70,13 @@ impl ColdStartReport {
     /// of an attempt, not of this figure.
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// Why this call could not retry, if its request body was not buffered:
+    /// a cold-start answer to it reached the caller after one attempt.
+    /// `None` when the body was buffered (or empty).
+    pub fn unbuffered(&self) -> Option<Unbuffered> {
+        self.unbuffered
     }
 }
 

@@ -29,15 +29,22 @@ pub enum WarmUp {
         /// How many calls `warm_up` made (each may have retried inside).
         calls: u32,
     },
-    /// The deadline passed before the model answered warm.
+    /// The deadline passed before the model answered warm: every call was
+    /// answered `503` or `500`, failed (a refused connection, say), or was
+    /// still under way at the deadline.
     TimedOut {
-        /// The status of the last answer, if there was one.
+        /// The status of the latest answer, if any call was answered.
         last_status: Option<StatusCode>,
+        /// The error of the latest call that failed, if any did: with a
+        /// server that never came up, why it could not be reached.
+        last_error: Option<BoxError>,
         /// How many calls `warm_up` made.
         calls: u32,
     },
-    /// The service failed (a transport error, say) at the deadline or with
-    /// an error that calling again would not cure.
+    /// The model answered with a status that waiting will not improve
+    /// (neither a success nor `503` or `500`, e.g. `401` or `404`); the
+    /// error names it. A failing call is never this: it is called again
+    /// until the deadline.
     Failed(BoxError),
 }
 
@@ -48,9 +55,11 @@ pub enum WarmUp {
 /// Each call goes through the whole stack; with a
 /// [`ColdStartRetryLayer`](crate::ColdStartRetryLayer) in it, one call
 /// already waits out a cold start within the layer's budget, and `warm_up`
-/// calls again (a second later) only if that budget ran out first, or the
-/// answer was a `503` or `500`. Any other answer (a `401`, a `404`) will not
-/// improve by waiting: it ends the warm-up at once as [`WarmUp::Failed`].
+/// calls again (a second later) only if that budget ran out first, the
+/// answer was a `503` or `500`, or the call failed (the server may still be
+/// booting); the latest status and error come back in [`WarmUp::TimedOut`].
+/// Any other answer (a `401`, a `404`) will not improve by waiting: it ends
+/// the warm-up at once as [`WarmUp::Failed`].
 ///
 /// ```
 /// # use std::convert::Infallible;
@@ -93,6 +102,7 @@ where
     let until = Instant::now() + deadline;
     let mut calls = 0;
     let mut last_status = None;
+    let mut last_error = None;
     loop {
         let call = async {
             poll_fn(|cx| service.poll_ready(cx)).await?;
@@ -100,7 +110,13 @@ where
         };
         let result = match tokio::time::timeout_at(until, call).await {
             Ok(result) => result,
-            Err(_) => return WarmUp::TimedOut { last_status, calls },
+            Err(_) => {
+                return WarmUp::TimedOut {
+                    last_status,
+                    last_error,
+                    calls,
+                }
+            }
         };
         calls += 1;
         match result {
@@ -122,17 +138,19 @@ where
             }
             Err(error) => {
                 let error: BoxError = error.into();
-                if Instant::now() >= until {
-                    return WarmUp::Failed(error);
-                }
                 tracing::warn!(error = %error, "warm-up request failed; trying again");
+                last_error = Some(error);
             }
         }
         if tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_secs(1)))
             .await
             .is_err()
         {
-            return WarmUp::TimedOut { last_status, calls };
+            return WarmUp::TimedOut {
+                last_status,
+                last_error,
+                calls,
+            };
         }
     }
 }

@@ -151,3 +151,51 @@ fn debug_output_never_shows_the_hook_or_header_values() {
         "{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_limit_that_meets_a_cold_start_says_why_it_was_not_retried() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(50), 20.0, false),
+    )])
+    .await;
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let hooked = Arc::new(Mutex::new(0));
+    let sink = hooked.clone();
+    let client = ServiceBuilder::new()
+        .layer(
+            tower_cold_start::ColdStartRetryLayer::new()
+                .body_limit(1024)
+                .on_retry(move |_| *sink.lock().unwrap() += 1),
+        )
+        .service(http1());
+    let input = json_input(4096);
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(input.clone()))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let report = report(&response);
+    assert_eq!(report.attempts(), 1);
+    assert_eq!(
+        report.unbuffered(),
+        Some(tower_cold_start::Unbuffered::BodyLimit)
+    );
+    assert_eq!(
+        &bytes(response).await[..],
+        &loading_body("openai-community/gpt2", Some("20.0"))[..]
+    );
+    assert_eq!(server.count(), 1);
+    assert_eq!(server.received()[0].body, input, "sent once, whole");
+    assert_eq!(*hooked.lock().unwrap(), 0, "no wait, so no retry event");
+
+    let lines = capture.0.lock().unwrap().clone();
+    let warned: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("WARN tower_cold_start"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(warned[0].contains("status=503"), "{}", warned[0]);
+    assert!(warned[0].contains("over body_limit"), "{}", warned[0]);
+}

@@ -388,3 +388,119 @@ async fn a_trailers_only_request_body_reaches_the_server_with_its_trailers() {
     assert!(received[0].body.is_empty());
     assert_eq!(received[0].trailers.as_ref(), Some(&trailers));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_concurrent_8_mib_uploads_hold_no_more_than_the_total_limit() {
+    const N: usize = 1000;
+    let upload = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
+    // Answers once every call has arrived, so that all are in flight at once.
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let backend = tower::service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
+        let barrier = barrier.clone();
+        async move {
+            let len = req.into_body().collect().await.unwrap().to_bytes().len();
+            barrier.wait().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(len.to_string()))))
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(tower_cold_start::ColdStartRetryLayer::new())
+        .service(backend);
+    let calls: Vec<_> = (0..N)
+        .map(|_| {
+            let request = Request::post("http://m.test/models/m")
+                .body(Full::new(upload.clone()))
+                .unwrap();
+            tokio::spawn(client.clone().oneshot(request))
+        })
+        .collect();
+    let mut buffered = 0;
+    for call in calls {
+        let response = call.await.unwrap().unwrap();
+        match report(&response).unbuffered() {
+            None => buffered += 1,
+            Some(reason) => assert_eq!(reason, tower_cold_start::Unbuffered::TotalLimit),
+        }
+        assert_eq!(
+            &bytes(response).await[..],
+            b"8388608",
+            "every body sent whole"
+        );
+    }
+    // 128 MiB by default: sixteen 8 MiB bodies, not 8 GiB.
+    assert_eq!(buffered, 16);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_held_for_replay_are_given_back_when_each_call_ends() {
+    let backend = tower::service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let client = ServiceBuilder::new()
+        .layer(tower_cold_start::ColdStartRetryLayer::new().total_body_limit(1000))
+        .service(backend);
+    // Each call may take the whole pool, one after another.
+    for _ in 0..3 {
+        let request = Request::post("http://m.test/")
+            .body(Full::new(Bytes::from(vec![0; 1000])))
+            .unwrap();
+        let response = client.clone().oneshot(request).await.unwrap();
+        assert_eq!(report(&response).unbuffered(), None);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn streamed_uploads_past_the_total_limit_go_out_once_intact_and_say_so() {
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(2), 1.0, false))]).await;
+    let layer = advised()
+        .jitter(false)
+        .body_limit(64 * 1024)
+        .total_body_limit(100 * 1024);
+    let client = ServiceBuilder::new().layer(layer).service(http1());
+    let mut calls = Vec::new();
+    let mut senders = Vec::new();
+    for n in 0..4u8 {
+        let (tx, body) = http_body_util::channel::Channel::<Bytes>::new(4);
+        senders.push((n, tx));
+        let request = Request::post(server.url(MODEL)).body(body).unwrap();
+        calls.push(tokio::spawn(client.clone().oneshot(request)));
+    }
+    // 40 KiB each, in 10 KiB chunks, interleaved: 160 KiB in all, over the
+    // 100 KiB that may be held.
+    for _ in 0..4 {
+        for (n, tx) in &mut senders {
+            tx.send_data(Bytes::from(vec![b'a' + *n; 10 * 1024]))
+                .await
+                .unwrap();
+        }
+    }
+    drop(senders);
+    let mut unbuffered = 0;
+    for call in calls {
+        let response = call.await.unwrap().unwrap();
+        let report = report(&response);
+        if report.unbuffered().is_some() {
+            assert_eq!(
+                report.unbuffered(),
+                Some(tower_cold_start::Unbuffered::TotalLimit)
+            );
+            assert_eq!(report.attempts(), 1);
+            assert_eq!(response.status(), 503, "not retried");
+            unbuffered += 1;
+        } else {
+            assert_eq!(response.status(), 200);
+        }
+    }
+    assert!(
+        unbuffered >= 2,
+        "at most 100 KiB held: {unbuffered} unbuffered"
+    );
+    for r in server.received() {
+        assert_eq!(r.body.len(), 40 * 1024);
+        assert!(
+            r.body.iter().all(|b| *b == r.body[0]),
+            "bytes intact, in order"
+        );
+    }
+}

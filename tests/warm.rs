@@ -183,3 +183,38 @@ async fn keep_warm_logs_failures_and_carries_on() {
     assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 5);
     assert_eq!(server.count(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn warm_up_against_a_refused_port_times_out_with_the_last_error() {
+    // A port nobody listens on: every connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = ServiceBuilder::new()
+        .layer(ColdStartRetryLayer::new().jitter(false))
+        .service(http1());
+    let url = format!("http://127.0.0.1:{port}{MODEL}");
+    let start = Instant::now();
+    let outcome = warm_up(client, ping(url), Duration::from_secs(3)).await;
+    let WarmUp::TimedOut {
+        last_status: None,
+        last_error: Some(error),
+        calls,
+    } = outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert!(calls >= 3, "called again each second: {calls}");
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    let mut refused = false;
+    while let Some(e) = source {
+        refused |= e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        source = e.source();
+    }
+    assert!(refused, "the client's own error: {error:?}");
+}

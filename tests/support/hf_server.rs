@@ -98,9 +98,7 @@ impl std::fmt::Debug for Script {
 
 impl Model {
     /// Answers each request with `script(request, nth)` after its delay.
-    pub fn script(
-        script: impl Fn(&Received, usize) -> Scripted + Send + Sync + 'static,
-    ) -> Self {
+    pub fn script(script: impl Fn(&Received, usize) -> Scripted + Send + Sync + 'static) -> Self {
         Model::Script(Script(Arc::new(script)))
     }
 
