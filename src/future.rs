@@ -143,6 +143,8 @@ struct Wait {
     wake: Pin<Box<OwnedNotified>>,
     deadline: Pin<Box<Sleep>>,
     started: Instant,
+    // The model's loading answers this caller was told of.
+    heard: u64,
     // Counts this caller among the probe's company while it waits.
     company: Company,
 }
@@ -342,7 +344,7 @@ impl<S> Call<S> {
         };
         match self.config.registry.gate(key) {
             None => Next::Send,
-            Some(gate) => self.enter(gate),
+            Some(gate) => self.enter(gate, 0),
         }
     }
 
@@ -350,7 +352,10 @@ impl<S> Call<S> {
     /// registered before the probe is tried and the gate looked up again, so
     /// that a probe given back, or the model turning warm, in between is not
     /// missed.
-    fn enter(&mut self, mut gate: Arc<Gate>) -> Next {
+    ///
+    /// A caller that waits is told of each loading answer it has not heard
+    /// yet (`heard` so far), through tracing and the hook.
+    fn enter(&mut self, mut gate: Arc<Gate>, heard: u64) -> Next {
         let key = self.key.flatten().expect("a gate is entered by key");
         let (wake, company) = loop {
             let wake = gate.wake_up();
@@ -396,12 +401,45 @@ impl<S> Call<S> {
         let deadline = since
             .checked_add(self.config.max_total_wait)
             .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
-        Next::Wait(Box::new(Wait {
+        let mut wait = Box::new(Wait {
             wake,
             deadline: Box::pin(sleep_until(deadline)),
             started: now,
+            heard,
             company,
-        }))
+        });
+        self.tell_waiting(&mut wait, deadline.saturating_duration_since(now));
+        Next::Wait(wait)
+    }
+
+    /// Tells the caller of a loading answer, by another call's probe, that
+    /// it has not heard of yet: same facts as a prober's wait.
+    fn tell_waiting(&self, wait: &mut Wait, left: Duration) {
+        let (answers, last) = wait.company.gate().heard();
+        if answers == wait.heard {
+            return;
+        }
+        wait.heard = answers;
+        let uri = match (&self.parts, &self.head) {
+            (Some(parts), _) => parts.uri.clone(),
+            (None, Some(head)) => head.uri(),
+            (None, None) => return,
+        };
+        let elapsed = self
+            .cold_since
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        announce(
+            &self.config,
+            &RetryEvent {
+                uri: &uri,
+                model: last.model.as_deref(),
+                attempt: self.attempts,
+                wait: left,
+                estimate: last.estimate,
+                elapsed,
+                behind_probe: true,
+            },
+        );
     }
 
     /// Records the model's answer in the shared registry: loading (a gate,
@@ -460,6 +498,8 @@ impl<S> Call<S> {
             body: shared.body.clone(),
             trailers: shared.trailers.clone(),
             hold: shared.hold,
+            model: None,
+            estimate: None,
         });
         let response = Response::from_parts(
             head,
@@ -679,6 +719,11 @@ where
                         body: read,
                         trailers,
                         hold: cold.hold,
+                        model: cold.model.clone(),
+                        estimate: match cold.hint {
+                            Hint::Estimate(secs) => Some(secs),
+                            _ => None,
+                        },
                     });
                     let gate = call.record(Some(&snapshot));
                     call.last = Some(snapshot);
@@ -689,7 +734,7 @@ where
                     // Another caller probes this model: wait for it rather
                     // than retry on our own.
                     if let (None, Some(gate)) = (&call.probe, gate) {
-                        if let Next::Wait(wait) = call.enter(gate) {
+                        if let Next::Wait(wait) = call.enter(gate, 0) {
                             this.state.set(State::Waiting { wait });
                             continue;
                         }
@@ -754,7 +799,7 @@ where
                             this.state.set(State::Readying { delayed: false });
                         }
                         Some(gate) => {
-                            let rearm = call.enter(gate);
+                            let rearm = call.enter(gate, wait.heard);
                             match rearm {
                                 Next::Send => {
                                     call.waited += wait.started.elapsed();
@@ -871,27 +916,42 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         jitter,
         remaining,
     )?;
-    let event = RetryEvent {
-        uri,
-        model: cold.model.as_deref(),
-        attempt: call.attempts,
-        wait,
-        estimate,
-        elapsed,
+    announce(
+        config,
+        &RetryEvent {
+            uri,
+            model: cold.model.as_deref(),
+            attempt: call.attempts,
+            wait,
+            estimate,
+            elapsed,
+            behind_probe: false,
+        },
+    );
+    Some(wait)
+}
+
+/// Tells tracing and the hook of a wait.
+fn announce(config: &Config, event: &RetryEvent<'_>) {
+    let uri = event.uri;
+    let message = if event.behind_probe {
+        "model is loading; waiting for another request's probe of it"
+    } else {
+        "model is loading; waiting before retrying"
     };
     tracing::info!(
         authority = uri.authority().map(|a| a.as_str()),
         path = uri.path(),
         model = event.model,
-        attempt = call.attempts,
-        wait_ms = wait.as_millis() as u64,
-        estimate = estimate,
-        "model is loading; waiting before retrying"
+        attempt = event.attempt,
+        wait_ms = event.wait.as_millis() as u64,
+        estimate = event.estimate,
+        behind_probe = event.behind_probe,
+        "{message}"
     );
     if let Some(hook) = &config.on_retry {
-        hook(&event);
+        hook(event);
     }
-    Some(wait)
 }
 
 /// A call that could not be retried met what may be a cold start.

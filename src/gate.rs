@@ -86,6 +86,9 @@ struct GateState {
     // The latest loading response, for a waiter whose budget runs out before
     // it sent a request of its own.
     last: Arc<Snapshot>,
+    // How many loading answers the model gave: a waiter tells its caller of
+    // each one it has not heard yet.
+    answers: u64,
 }
 
 /// A loading response, read to its end.
@@ -95,6 +98,9 @@ pub(crate) struct Snapshot {
     pub(crate) trailers: Option<HeaderMap>,
     // How the next request for this model asks the server to hold it.
     pub(crate) hold: crate::classifier::Hold,
+    // What the classifier read in it, for the progress of waiting callers.
+    pub(crate) model: Option<String>,
+    pub(crate) estimate: Option<f64>,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -170,7 +176,10 @@ impl Registry {
     ) -> (Arc<Gate>, Option<Probe>) {
         let mut gates = lock(&self.gates);
         if let Some(gate) = gates.get(&key) {
-            lock(&gate.state).last = last;
+            let mut state = lock(&gate.state);
+            state.last = last;
+            state.answers += 1;
+            drop(state);
             gate.notify.notify_waiters();
             return (Arc::clone(gate), None);
         }
@@ -182,6 +191,7 @@ impl Registry {
                 waiting: 0,
                 asked: tokio::time::Instant::now(),
                 last,
+                answers: 1,
             }),
             notify: Arc::new(Notify::new()),
         });
@@ -273,6 +283,12 @@ impl Gate {
     /// The latest loading response.
     pub(crate) fn last(&self) -> Arc<Snapshot> {
         Arc::clone(&lock(&self.state).last)
+    }
+
+    /// How many loading answers the model gave, and the latest.
+    pub(crate) fn heard(&self) -> (u64, Arc<Snapshot>) {
+        let state = lock(&self.state);
+        (state.answers, Arc::clone(&state.last))
     }
 
     /// Whether callers wait for this gate's probe.
@@ -382,6 +398,8 @@ mod tests {
             body: Vec::new(),
             trailers: None,
             hold: crate::classifier::Hold::None,
+            model: None,
+            estimate: None,
         })
     }
 

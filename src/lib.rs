@@ -132,7 +132,11 @@
 //! - **Report.** Every response carries a [`ColdStartReport`] extension.
 //! - **Observability.** Each wait emits a `tracing` event at `INFO` (URI
 //!   authority and path, model, attempt, wait, estimate; never a header
-//!   value) and calls the [`on_retry`](ColdStartRetryLayer::on_retry) hook.
+//!   value) and calls the [`on_retry`](ColdStartRetryLayer::on_retry) hook:
+//!   the probing call's before each sleep, and a waiting call's when it
+//!   starts waiting and at each loading answer of the probe
+//!   ([`RetryEvent::behind_probe`]). [`cold_models`](ColdStartRetryLayer::cold_models)
+//!   counts the models held as cold.
 //! - **Cancellation.** Dropping the response future at any point (while the
 //!   body is read, a request is in flight or held, a 503 is read, the layer
 //!   sleeps, or waits for another caller's probe) cancels the call: nothing

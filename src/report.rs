@@ -83,8 +83,11 @@ impl ColdStartReport {
 /// The facts about one wait, given to the [`on_retry`] hook before the layer
 /// sleeps.
 ///
-/// Only the call that probes a cold model sleeps; calls waiting for its
-/// probe get no event of their own.
+/// The call that probes a cold model gets one before each sleep. A call
+/// waiting behind another caller's probe of the same model
+/// ([`behind_probe`](Self::behind_probe)) gets one when it starts waiting
+/// and one for each loading answer the probe brings, so that every caller
+/// can show progress.
 ///
 /// [`on_retry`]: crate::ColdStartRetryLayer::on_retry
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +98,7 @@ pub struct RetryEvent<'a> {
     pub(crate) wait: Duration,
     pub(crate) estimate: Option<f64>,
     pub(crate) elapsed: Duration,
+    pub(crate) behind_probe: bool,
 }
 
 impl<'a> RetryEvent<'a> {
@@ -112,13 +116,25 @@ impl<'a> RetryEvent<'a> {
     }
 
     /// The attempt that was answered "loading" (1 for the first request).
+    /// For a call waiting behind another's probe: the requests it sent so
+    /// far, `0` if it has sent none.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
-    /// How long the layer is about to sleep before the next attempt.
+    /// How long the layer is about to sleep before the next attempt. For a
+    /// call waiting behind another's probe: the longest it may still wait
+    /// (what is left of its budget); the probe's answer may end it sooner.
     pub fn wait(&self) -> Duration {
         self.wait
+    }
+
+    /// Whether this call waits behind another caller's probe of the same
+    /// model, sending nothing itself, rather than sleeping before a request
+    /// of its own. The model and the estimate are then those of the probe's
+    /// latest loading answer.
+    pub fn behind_probe(&self) -> bool {
+        self.behind_probe
     }
 
     /// The server's `estimated_time` in seconds, as sent, when it was a

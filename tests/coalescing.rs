@@ -339,3 +339,47 @@ async fn a_prober_that_meets_loading_again_after_a_warm_release_leaves_nothing_w
     assert!(server.count() >= 4, "p probed after the release");
     assert_eq!(client.cold_models(), 0, "every caller is done");
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_caller_of_a_cold_model_hears_of_its_progress_not_only_the_prober() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(6), 20.0, false),
+    )])
+    .await;
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let client = layered(ColdStartRetryLayer::new().jitter(false).on_retry(move |e| {
+        let caller = e.uri().query().unwrap().to_owned();
+        sink.lock().unwrap().push((
+            caller,
+            e.behind_probe(),
+            e.model().map(str::to_owned),
+            e.estimate(),
+            e.elapsed(),
+        ));
+    }));
+    let first = tokio::spawn(caller(client.clone(), server.url(&format!("{MODEL}?c=0")), 0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiters: Vec<_> = (1..=20)
+        .map(|n| tokio::spawn(caller(client.clone(), server.url(&format!("{MODEL}?c={n}")), n)))
+        .collect();
+    assert_eq!(first.await.unwrap().0, 200);
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().0, 200);
+    }
+    let events = events.lock().unwrap().clone();
+    for n in 1..=20 {
+        let mine: Vec<_> = events.iter().filter(|e| e.0 == format!("c={n}")).collect();
+        // One as it starts waiting, then one per loading answer of the probe.
+        assert!(mine.len() >= 3, "caller {n}: {mine:?}");
+        for (_, behind, model, estimate, _) in &mine {
+            assert!(*behind, "caller {n} never probed: {mine:?}");
+            assert_eq!(model.as_deref(), Some("gpt2"));
+            assert_eq!(*estimate, Some(20.0));
+        }
+        assert!(mine.windows(2).all(|w| w[0].4 < w[1].4), "waited so far grows");
+    }
+    let prober: Vec<_> = events.iter().filter(|e| e.0 == "c=0").collect();
+    assert!(!prober.is_empty() && prober.iter().all(|e| !e.1), "{prober:?}");
+}
