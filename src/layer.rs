@@ -124,6 +124,22 @@ impl ColdStartRetryLayer {
         Self::default()
     }
 
+    /// The configuration, to change. A configuration shared with a clone of
+    /// this layer (or a service it made) is copied first, and the copy gets
+    /// its own cold-model registry and body pool: a layer configured apart
+    /// shares no state with the one it was cloned from, whose keys and
+    /// budgets may mean something else.
+    fn config_mut(&mut self) -> &mut Config {
+        if Arc::get_mut(&mut self.config).is_none() {
+            let mut config = Config::clone(&self.config);
+            config.registry = Arc::default();
+            config.pool = Arc::default();
+            self.config = Arc::new(config);
+        }
+        // Unique now: no copy is made.
+        Arc::make_mut(&mut self.config)
+    }
+
     /// How many models the services of this layer hold as cold now: each
     /// one has callers probing it or waiting for it. A gauge for metrics;
     /// `0` while every model is warm.
@@ -137,7 +153,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 120 s.
     pub fn max_total_wait(mut self, max_total_wait: Duration) -> Self {
-        Arc::make_mut(&mut self.config).max_total_wait = max_total_wait;
+        self.config_mut().max_total_wait = max_total_wait;
         self
     }
 
@@ -146,7 +162,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 60 s.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        Arc::make_mut(&mut self.config).max_wait = max_wait;
+        self.config_mut().max_wait = max_wait;
         self
     }
 
@@ -157,7 +173,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 20 s, the figure HuggingFace's own clients assume.
     pub fn default_wait(mut self, default_wait: Duration) -> Self {
-        Arc::make_mut(&mut self.config).default_wait = default_wait;
+        self.config_mut().default_wait = default_wait;
         self
     }
 
@@ -171,7 +187,7 @@ impl ColdStartRetryLayer {
     /// the defaults a call sends at most about 120 requests, and in practice
     /// far fewer: two against HuggingFace, which holds the retry.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        Arc::make_mut(&mut self.config).max_attempts = max_attempts.max(1);
+        self.config_mut().max_attempts = max_attempts.max(1);
         self
     }
 
@@ -185,7 +201,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: 8 MiB.
     pub fn body_limit(mut self, body_limit: usize) -> Self {
-        Arc::make_mut(&mut self.config).body_limit = body_limit;
+        self.config_mut().body_limit = body_limit;
         self
     }
 
@@ -199,7 +215,7 @@ impl ColdStartRetryLayer {
     /// some 60,000 JSON requests of 2 KiB, so that a proxy's memory stays
     /// bounded however many uploads arrive at once.
     pub fn total_body_limit(mut self, total_body_limit: usize) -> Self {
-        Arc::make_mut(&mut self.config).total_body_limit = total_body_limit;
+        self.config_mut().total_body_limit = total_body_limit;
         self
     }
 
@@ -210,7 +226,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: `true`.
     pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
-        Arc::make_mut(&mut self.config).wait_for_model = wait_for_model;
+        self.config_mut().wait_for_model = wait_for_model;
         self
     }
 
@@ -219,8 +235,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: [`HuggingFace`](crate::classifier::HuggingFace).
     pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
-        Arc::make_mut(&mut self.config).classifier =
-            crate::classifier::Shared(Arc::new(classifier));
+        self.config_mut().classifier = crate::classifier::Shared(Arc::new(classifier));
         self
     }
 
@@ -233,7 +248,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: `true`.
     pub fn jitter(mut self, jitter: bool) -> Self {
-        Arc::make_mut(&mut self.config).jitter = jitter;
+        self.config_mut().jitter = jitter;
         self
     }
 
@@ -242,7 +257,7 @@ impl ColdStartRetryLayer {
     ///
     /// Default: [`WakeUp::Adaptive`].
     pub fn wake_up(mut self, wake_up: WakeUp) -> Self {
-        Arc::make_mut(&mut self.config).wake_up = wake_up;
+        self.config_mut().wake_up = wake_up;
         self
     }
 
@@ -276,7 +291,7 @@ impl ColdStartRetryLayer {
         F: Fn(&Uri, &HeaderMap, &[u8]) -> Option<K> + Send + Sync + 'static,
         K: std::hash::Hash,
     {
-        Arc::make_mut(&mut self.config).model_key = Some(Arc::new(
+        self.config_mut().model_key = Some(Arc::new(
             move |registry: &Registry, uri: &Uri, headers: &HeaderMap, body: &[u8]| {
                 key(uri, headers, body).map(|key| registry.key_from(key))
             },
@@ -293,7 +308,7 @@ impl ColdStartRetryLayer {
     where
         F: Fn(&RetryEvent<'_>) + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.config).on_retry = Some(Arc::new(on_retry));
+        self.config_mut().on_retry = Some(Arc::new(on_retry));
         self
     }
 }

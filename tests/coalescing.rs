@@ -342,11 +342,8 @@ async fn a_prober_that_meets_loading_again_after_a_warm_release_leaves_nothing_w
 
 #[tokio::test(start_paused = true)]
 async fn every_caller_of_a_cold_model_hears_of_its_progress_not_only_the_prober() {
-    let server = HfServer::start([(
-        MODEL,
-        Model::cold_with(Duration::from_secs(6), 20.0, false),
-    )])
-    .await;
+    let server =
+        HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(6), 20.0, false))]).await;
     let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = events.clone();
     let client = layered(ColdStartRetryLayer::new().jitter(false).on_retry(move |e| {
@@ -359,10 +356,20 @@ async fn every_caller_of_a_cold_model_hears_of_its_progress_not_only_the_prober(
             e.elapsed(),
         ));
     }));
-    let first = tokio::spawn(caller(client.clone(), server.url(&format!("{MODEL}?c=0")), 0));
+    let first = tokio::spawn(caller(
+        client.clone(),
+        server.url(&format!("{MODEL}?c=0")),
+        0,
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiters: Vec<_> = (1..=20)
-        .map(|n| tokio::spawn(caller(client.clone(), server.url(&format!("{MODEL}?c={n}")), n)))
+        .map(|n| {
+            tokio::spawn(caller(
+                client.clone(),
+                server.url(&format!("{MODEL}?c={n}")),
+                n,
+            ))
+        })
         .collect();
     assert_eq!(first.await.unwrap().0, 200);
     for waiter in waiters {
@@ -378,8 +385,44 @@ async fn every_caller_of_a_cold_model_hears_of_its_progress_not_only_the_prober(
             assert_eq!(model.as_deref(), Some("gpt2"));
             assert_eq!(*estimate, Some(20.0));
         }
-        assert!(mine.windows(2).all(|w| w[0].4 < w[1].4), "waited so far grows");
+        assert!(
+            mine.windows(2).all(|w| w[0].4 < w[1].4),
+            "waited so far grows"
+        );
     }
     let prober: Vec<_> = events.iter().filter(|e| e.0 == "c=0").collect();
-    assert!(!prober.is_empty() && prober.iter().all(|e| !e.1), "{prober:?}");
+    assert!(
+        !prober.is_empty() && prober.iter().all(|e| !e.1),
+        "{prober:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_configured_apart_from_a_clone_shares_no_cold_models_with_it() {
+    let server = HfServer::start([(
+        MODEL,
+        Model::cold_with(Duration::from_secs(100), 20.0, false),
+    )])
+    .await;
+    let layer = ColdStartRetryLayer::new().jitter(false);
+    let same = layer.clone();
+    let apart = layer.clone().max_total_wait(Duration::from_secs(30));
+    let client = layered(layer.clone());
+    let probing = tokio::spawn(caller(client, server.url(MODEL), 0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(layer.cold_models(), 1);
+    assert_eq!(same.cold_models(), 1, "a plain clone shares");
+    assert_eq!(apart.cold_models(), 0, "configured apart: its own state");
+    // A call through the other layer does not wait behind the first's probe.
+    let other = layered(apart.clone());
+    let started = Instant::now();
+    let request = Request::post(server.url(MODEL))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let sent = tokio::spawn(other.oneshot(request));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(server.count(), 2, "sent at once");
+    assert_eq!(server.received()[1].at, started);
+    probing.abort();
+    sent.abort();
 }
