@@ -259,9 +259,7 @@ where
             pooled: 0,
             unbuffered: None,
         };
-        let config = Arc::clone(&call.config);
-        let plan = replay::plan(body, config.body_limit, call.allowance(&config));
-        let state = match plan {
+        let state = match replay::plan(body, call.config.body_limit, call.allowance()) {
             Plan::Read(source) => {
                 call.parts = Some(parts);
                 State::Buffering {
@@ -298,12 +296,11 @@ where
 }
 
 impl<S> Call<S> {
-    /// This call's share of the layer's replay pool (`config` is this
-    /// call's own, borrowed apart).
-    fn allowance<'a>(&'a mut self, config: &'a Config) -> Allowance<'a> {
+    /// This call's share of the layer's replay pool.
+    fn allowance(&mut self) -> Allowance<'_> {
         Allowance {
-            pool: &config.pool,
-            cap: config.total_body_limit,
+            pool: &self.config.pool,
+            cap: self.config.total_body_limit,
             held: &mut self.pooled,
         }
     }
@@ -613,37 +610,36 @@ where
         let call = this.call;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { reader } => match ready!({
-                    let config = Arc::clone(&call.config);
-                    reader.poll_read(cx, call.allowance(&config))
-                }) {
-                    Err(error) => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(error));
-                    }
-                    Ok(Buffering::Done(buffered)) => {
-                        call.body = buffered;
-                        // The service taken in `call` is still ready.
-                        match call.check_gate() {
-                            Next::Send => {
-                                let req = call
-                                    .next_request()
-                                    .expect("the first attempt is always built");
-                                let future = call.send(req);
-                                this.state.set(State::Calling { future });
+                StateProj::Buffering { reader } => {
+                    match ready!(reader.poll_read(cx, call.allowance())) {
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        Ok(Buffering::Done(buffered)) => {
+                            call.body = buffered;
+                            // The service taken in `call` is still ready.
+                            match call.check_gate() {
+                                Next::Send => {
+                                    let req = call
+                                        .next_request()
+                                        .expect("the first attempt is always built");
+                                    let future = call.send(req);
+                                    this.state.set(State::Calling { future });
+                                }
+                                Next::Wait(wait) => this.state.set(State::Waiting { wait }),
+                                Next::Pause(nap) => this.state.set(State::Sleeping { nap }),
                             }
-                            Next::Wait(wait) => this.state.set(State::Waiting { wait }),
-                            Next::Pause(nap) => this.state.set(State::Sleeping { nap }),
+                        }
+                        Ok(Buffering::Overflow(body, reason)) => {
+                            let parts = call.parts.take().expect("kept until sent");
+                            call.attempts += 1;
+                            call.unbuffered = Some(reason);
+                            let future = call.service.call(Request::from_parts(parts, body));
+                            this.state.set(State::Calling { future });
                         }
                     }
-                    Ok(Buffering::Overflow(body, reason)) => {
-                        let parts = call.parts.take().expect("kept until sent");
-                        call.attempts += 1;
-                        call.unbuffered = Some(reason);
-                        let future = call.service.call(Request::from_parts(parts, body));
-                        this.state.set(State::Calling { future });
-                    }
-                },
+                }
                 StateProj::Calling { future } => {
                     let response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
