@@ -513,6 +513,11 @@ impl<S> Call<S> {
     /// no longer makes a valid head, which `http`'s safe constructors cannot
     /// cause.
     fn next_request<B>(&mut self) -> Option<Request<RequestBody<B>>> {
+        // A probe of a model released since (its nap ending as the release
+        // came, say) is not sent under: someone else may probe anew.
+        if self.probe.as_ref().is_some_and(|probe| !probe.is_current()) {
+            self.probe = None;
+        }
         let hold = if self.config.wait_for_model && (self.parts.is_none() || self.probe.is_some()) {
             self.last.as_ref().map_or(Hold::None, |last| last.hold)
         } else {
@@ -555,12 +560,7 @@ impl<S> Call<S> {
         self.attempts += 1;
         if let Some(probe) = &self.probe {
             #[cfg(test)]
-            if !self
-                .key
-                .flatten()
-                .and_then(|key| self.config.registry.gate(key))
-                .is_some_and(|current| Arc::ptr_eq(&current, probe.gate()))
-            {
+            if !probe.is_current() {
                 let live = &self.config.registry.live;
                 live.stale_sends
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -763,10 +763,6 @@ where
                 StateProj::Sleeping { nap } => {
                     let warm = ready!(nap.poll_over(cx, &call.config, call.key.flatten()));
                     call.waited += nap.started.elapsed();
-                    if warm {
-                        // The model was released: the probe stands for nothing.
-                        call.probe = None;
-                    }
                     if nap.gives_up && !warm {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(call.give_up()));

@@ -316,6 +316,17 @@ impl Probe {
         Probe { gate }
     }
 
+    /// Whether this probe's gate is still its model's: a release (a
+    /// non-loading answer) removes the gate, and the probe then stands for
+    /// nothing.
+    pub(crate) fn is_current(&self) -> bool {
+        self.gate.registry.upgrade().is_some_and(|registry| {
+            registry
+                .gate(self.gate.key)
+                .is_some_and(|current| Arc::ptr_eq(&current, &self.gate))
+        })
+    }
+
     /// The gate this probe belongs to.
     pub(crate) fn gate(&self) -> &Arc<Gate> {
         &self.gate

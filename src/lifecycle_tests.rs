@@ -263,3 +263,28 @@ proptest! {
         run(wake_up, steps)?;
     }
 }
+
+/// Found by the schedule above: a prober's poll timer ends at the very
+/// instant another caller's gateway answer releases the model. The prober
+/// must not send under the outlived probe.
+#[test]
+fn a_nap_that_ends_as_the_model_is_released_sends_under_no_probe() {
+    run(
+        WakeUp::Poll(Duration::from_millis(700)),
+        vec![
+            Step::Model {
+                answer: Answer::Gateway,
+                latency_ms: 982,
+            },
+            Step::Arrive {
+                timeout_ms: None,
+                first: Some((Answer::Loading, 282)),
+            },
+            Step::Arrive {
+                timeout_ms: None,
+                first: None,
+            },
+        ],
+    )
+    .unwrap();
+}
