@@ -495,8 +495,8 @@ impl<S> Call<S> {
             body: shared.body.clone(),
             trailers: shared.trailers.clone(),
             hold: shared.hold,
-            model: None,
-            estimate: None,
+            model: shared.model.clone(),
+            estimate: shared.estimate,
         });
         let response = Response::from_parts(
             head,

@@ -48,6 +48,13 @@ pub(crate) struct Registry {
     pub(crate) live: Live,
 }
 
+/// Who is counted in or out of a gate.
+#[derive(Clone, Copy)]
+enum Role {
+    Probe,
+    Waiter,
+}
+
 /// Counts of probes and waiters alive (tests only).
 #[cfg(test)]
 #[derive(Default)]
@@ -261,6 +268,26 @@ impl Gate {
         Ok(Probe::new(Arc::clone(self)))
     }
 
+    /// Counts a probe or a waiter of this gate in or out (tests only: the
+    /// life-cycle test reads the counts; elsewhere this is nothing).
+    #[cfg(test)]
+    fn count(&self, role: Role, arrives: bool) {
+        if let Some(registry) = self.registry.upgrade() {
+            let counter = match role {
+                Role::Probe => &registry.live.probes,
+                Role::Waiter => &registry.live.waiters,
+            };
+            if arrives {
+                counter.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[cfg(not(test))]
+    fn count(&self, _: Role, _: bool) {}
+
     /// Forgets this gate if nobody is left on it.
     fn leave(self: &Arc<Self>, idle: bool) {
         if idle {
@@ -309,10 +336,7 @@ impl Gate {
 impl Probe {
     /// A probe of `gate`, whose state already says it is probed.
     fn new(gate: Arc<Gate>) -> Self {
-        #[cfg(test)]
-        if let Some(registry) = gate.registry.upgrade() {
-            registry.live.probes.fetch_add(1, Ordering::Relaxed);
-        }
+        gate.count(Role::Probe, true);
         Probe { gate }
     }
 
@@ -341,10 +365,7 @@ pub(crate) struct Company {
 impl Company {
     /// A waiter on `gate`, already counted in its state.
     fn new(gate: Arc<Gate>) -> Self {
-        #[cfg(test)]
-        if let Some(registry) = gate.registry.upgrade() {
-            registry.live.waiters.fetch_add(1, Ordering::Relaxed);
-        }
+        gate.count(Role::Waiter, true);
         Company { gate }
     }
 
@@ -356,10 +377,7 @@ impl Company {
 
 impl Drop for Company {
     fn drop(&mut self) {
-        #[cfg(test)]
-        if let Some(registry) = self.gate.registry.upgrade() {
-            registry.live.waiters.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.gate.count(Role::Waiter, false);
         let idle = {
             let mut state = lock(&self.gate.state);
             state.waiting -= 1;
@@ -371,10 +389,7 @@ impl Drop for Company {
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        #[cfg(test)]
-        if let Some(registry) = self.gate.registry.upgrade() {
-            registry.live.probes.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.gate.count(Role::Probe, false);
         let idle = {
             let mut state = lock(&self.gate.state);
             state.probing = false;

@@ -3,9 +3,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
