@@ -19,8 +19,8 @@
 //! model, arriving over its first second ("spread") or all at once
 //! ("burst"); a model that never loads (`"estimated_time": 1809.18`).
 //!
-//! Strategies: `tower-cold-start` with `WakeUp::Adaptive` (the default),
-//! `WakeUp::Advised` (the first release) and `WakeUp::Poll(1 s)`; and the
+//! Strategies: `tower-cold-start` with `WaitStrategy::Adaptive` (the default),
+//! `WaitStrategy::SleepEstimate` (the first release) and `WaitStrategy::FixedInterval(1 s)`; and the
 //! baselines, written as their users write them:
 //! - the article's loop: send, and on a 503 sleep `estimated_time`; 3 tries;
 //! - huggingface_hub 0.2x: on a 503 sleep 1 s and send again with
@@ -55,7 +55,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::ServiceExt;
-use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WakeUp};
+use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WaitStrategy};
 
 use hf_server::{HfServer, Model};
 
@@ -178,12 +178,12 @@ impl Strategy {
 
     fn layer(self) -> Option<ColdStartRetryLayer> {
         let wake_up = match self {
-            Strategy::Adaptive => WakeUp::Adaptive,
-            Strategy::Advised => WakeUp::Advised,
-            Strategy::Poll1s => WakeUp::Poll(Duration::from_secs(1)),
+            Strategy::Adaptive => WaitStrategy::Adaptive,
+            Strategy::Advised => WaitStrategy::SleepEstimate,
+            Strategy::Poll1s => WaitStrategy::FixedInterval(Duration::from_secs(1)),
             _ => return None,
         };
-        Some(ColdStartRetryLayer::new().wake_up(wake_up))
+        Some(ColdStartRetryLayer::new().wait_strategy(wake_up))
     }
 }
 
@@ -832,7 +832,7 @@ fn main() {
         }
     }
 
-    println!("\n## Targets (WakeUp::Adaptive)\n");
+    println!("\n## Targets (WaitStrategy::Adaptive)\n");
     for (target, met) in &targets {
         println!("- [{}] {target}", if *met { "x" } else { " " });
     }

@@ -7,7 +7,7 @@
 //! cargo run --example axum_proxy -- --once  # sends itself one request, then exits
 //! ```
 //! At start-up it warms `bert-base-uncased` with `warm_up` before accepting
-//! traffic, and keeps it warm with `KeepWarm`; `gpt2` is left cold, so the
+//! traffic, and keeps it warm with `keep_warm`; `gpt2` is left cold, so the
 //! first request shows the layer at work. The upstream is an embedded
 //! HuggingFace-like server whose models are cold for 3 s; set `UPSTREAM=http://host:port` to forward elsewhere (plain
 //! HTTP; the quickstart shows an HTTPS client).
@@ -29,8 +29,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_cold_start::{
-    warm_up, ColdStartReport, ColdStartRetry, ColdStartRetryLayer, KeepWarm, KeepWarmSchedule,
-    RequestBody, WarmUp,
+    keep_warm, warm_up, ColdStartReport, ColdStartRetry, ColdStartRetryLayer, KeepWarmSchedule,
+    RequestBody, WarmUpOutcome,
 };
 
 /// The shared client: clones share the connection pool and the configuration.
@@ -113,14 +113,14 @@ async fn main() -> Result<(), BoxError> {
     )
     .await
     {
-        WarmUp::Warm { report, .. } => println!(
+        WarmUpOutcome::Warm { report, .. } => println!(
             "bert-base-uncased warm after {:.1} s ({} attempt(s))",
             started.elapsed().as_secs_f64(),
             report.map_or(1, |r| r.attempts())
         ),
         other => println!("warm-up did not finish: {other:?}; serving anyway"),
     }
-    let _keep_warm = KeepWarm::spawn(client.clone(), warm_request, KeepWarmSchedule::new());
+    let _keep_warm = keep_warm(client.clone(), warm_request, KeepWarmSchedule::new());
 
     let app = Router::new()
         .route("/models/{*model}", post(forward))

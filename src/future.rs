@@ -15,8 +15,9 @@ use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::End;
-use crate::classifier::{ColdStart, Hint, Hold, ResponseParts, X_WAIT_FOR_MODEL};
-use crate::classify::{PEEK_LIMIT, PEEK_TIMEOUT};
+use crate::classifier::{
+    ColdStart, Hint, Hold, ResponseView, PEEK_LIMIT, PEEK_TIMEOUT, X_WAIT_FOR_MODEL,
+};
 use crate::gate::{Company, Gate, Probe, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
@@ -362,7 +363,7 @@ impl<S> Call<S> {
                     self.probe = Some(probe);
                     // Keep to the strategy's pace across probers: a probe given
                     // back (its caller gave up) is not an answer from the model.
-                    let resume = gate.asked() + wake::pace(self.config.wake_up);
+                    let resume = gate.asked() + wake::pace(self.config.wait_strategy);
                     let now = Instant::now();
                     if resume <= now {
                         return Next::Send;
@@ -509,7 +510,7 @@ impl<S> Call<S> {
 impl<S> Call<S> {
     /// Builds the next attempt: the first (from the caller's own head) or a
     /// retry (from the kept copy). A retry or a probe asks the server to
-    /// hold it, unless `wait_for_model(false)`. `None` only if the kept copy
+    /// hold it, unless `hold_retries(false)`. `None` only if the kept copy
     /// no longer makes a valid head, which `http`'s safe constructors cannot
     /// cause.
     fn next_request<B>(&mut self) -> Option<Request<RequestBody<B>>> {
@@ -518,7 +519,7 @@ impl<S> Call<S> {
         if self.probe.as_ref().is_some_and(|probe| !probe.is_current()) {
             self.probe = None;
         }
-        let hold = if self.config.wait_for_model && (self.parts.is_none() || self.probe.is_some()) {
+        let hold = if self.config.hold_retries && (self.parts.is_none() || self.probe.is_some()) {
             self.last.as_ref().map_or(Hold::None, |last| last.hold)
         } else {
             Hold::None
@@ -651,8 +652,17 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    if !may_be_cold_start(&response, &call.config, call.head.is_some(), call.held) {
-                        if reads(&call.config, response.status(), call.held) {
+                    let maybe_cold = call
+                        .config
+                        .classifier
+                        .may_be_cold_start(response.status(), call.held);
+                    // Read only for a call that may retry, and a body that may be
+                    // small enough.
+                    let readable = maybe_cold
+                        && call.head.is_some()
+                        && response.body().size_hint().lower() <= PEEK_LIMIT as u64;
+                    if !readable {
+                        if maybe_cold {
                             // Maybe loading, unread (the last attempt, or a
                             // large body): not proof that the model is warm.
                             call.probe = None;
@@ -690,7 +700,7 @@ where
                     let cold = match &end {
                         End::Error(_) => None,
                         End::Trailers(_) | End::Eof => {
-                            call.config.classifier.0.classify(&ResponseParts {
+                            call.config.classifier.0.classify(&ResponseView {
                                 status: head.status,
                                 headers: &head.headers,
                                 body: &contiguous(&read),
@@ -714,9 +724,9 @@ where
                         head,
                         body: read,
                         trailers,
-                        hold: cold.hold,
-                        model: cold.model.clone(),
-                        estimate: match cold.hint {
+                        hold: cold.hold(),
+                        model: cold.model().map(str::to_owned),
+                        estimate: match cold.hint() {
                             Hint::Estimate(secs) => Some(secs),
                             _ => None,
                         },
@@ -842,26 +852,6 @@ where
     }
 }
 
-/// Whether the classifier wants to read a response with this status;
-/// successes are never cold starts.
-fn reads(config: &Config, status: http::StatusCode, held: bool) -> bool {
-    !status.is_success() && config.classifier.0.reads(status, held)
-}
-
-/// Whether a response is worth reading: one the classifier may call a cold
-/// start, for a request that may still be retried, with a body that may be
-/// small enough to classify.
-fn may_be_cold_start<B: Body>(
-    response: &Response<B>,
-    config: &Config,
-    retryable: bool,
-    held: bool,
-) -> bool {
-    retryable
-        && reads(config, response.status(), held)
-        && response.body().size_hint().lower() <= PEEK_LIMIT as u64
-}
-
 /// The bytes read, as one slice (copied only when they came in pieces).
 fn contiguous(chunks: &[Bytes]) -> std::borrow::Cow<'_, [u8]> {
     match chunks {
@@ -884,13 +874,13 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
     }
     let elapsed = now.saturating_duration_since(since);
     let remaining = config.max_total_wait.saturating_sub(elapsed);
-    let estimate = match cold.hint {
+    let estimate = match cold.hint() {
         Hint::Estimate(secs) => Some(secs),
         _ => None,
     };
-    let jitter = config.jitter.then(crate::classify::random_unit);
+    let jitter = config.jitter.then(wake::random_unit);
     let answer = Answer {
-        hint: cold.hint,
+        hint: cold.hint(),
         attempt: call.attempts,
         took: call
             .sent
@@ -902,7 +892,7 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
             .is_some_and(|probe| probe.gate().has_company()),
     };
     let wait = wake::next_wait(
-        config.wake_up,
+        config.wait_strategy,
         &answer,
         config.wait_bounds(),
         jitter,
@@ -912,7 +902,7 @@ fn plan_wait<S>(call: &mut Call<S>, cold: &ColdStart) -> Option<Duration> {
         config,
         &RetryEvent {
             uri,
-            model: cold.model.as_deref(),
+            model: cold.model(),
             attempt: call.attempts,
             wait,
             estimate,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use http::{HeaderMap, Uri};
 use tower_layer::Layer;
 
-use crate::classify::WaitBounds;
 use crate::gate::Registry;
-use crate::{ColdStartRetry, RetryEvent, WakeUp};
+use crate::wake::WaitBounds;
+use crate::{ColdStartRetry, RetryEvent, WaitStrategy};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
@@ -29,13 +29,13 @@ pub(crate) struct Config {
     pub(crate) total_body_limit: usize,
     // Shared by every service this layer makes (and their clones).
     pub(crate) pool: Arc<crate::replay::Pool>,
-    pub(crate) wait_for_model: bool,
+    pub(crate) hold_retries: bool,
     pub(crate) on_retry: Option<RetryHook>,
     // Shared by every service this layer makes (and their clones).
     pub(crate) registry: Arc<Registry>,
     pub(crate) classifier: crate::classifier::Shared,
     pub(crate) jitter: bool,
-    pub(crate) wake_up: WakeUp,
+    pub(crate) wait_strategy: WaitStrategy,
     // `None`: scheme, authority and path.
     pub(crate) model_key: Option<ModelKey>,
 }
@@ -59,12 +59,12 @@ impl Default for Config {
             body_limit: 8 * 1024 * 1024,
             total_body_limit: 128 * 1024 * 1024,
             pool: Arc::default(),
-            wait_for_model: true,
+            hold_retries: true,
             on_retry: None,
             registry: Arc::default(),
             classifier: crate::classifier::Shared::default(),
             jitter: true,
-            wake_up: WakeUp::default(),
+            wait_strategy: WaitStrategy::default(),
             model_key: None,
         }
     }
@@ -79,14 +79,14 @@ impl fmt::Debug for Config {
             .field("max_attempts", &self.max_attempts)
             .field("body_limit", &self.body_limit)
             .field("total_body_limit", &self.total_body_limit)
-            .field("wait_for_model", &self.wait_for_model)
+            .field("hold_retries", &self.hold_retries)
             .field(
                 "on_retry",
                 &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
             )
             .field("classifier", &self.classifier)
             .field("jitter", &self.jitter)
-            .field("wake_up", &self.wake_up)
+            .field("wait_strategy", &self.wait_strategy)
             .field(
                 "model_key",
                 &self
@@ -168,7 +168,7 @@ impl ColdStartRetryLayer {
 
     /// The sleep when the server gives no usable `estimated_time` (missing,
     /// `null`, a string, negative, NaN or infinite), under
-    /// [`WakeUp::Advised`] (the default strategy does not sleep estimates).
+    /// [`WaitStrategy::SleepEstimate`] (the default strategy does not sleep estimates).
     /// Capped by `max_wait`.
     ///
     /// Default: 20 s, the figure HuggingFace's own clients assume.
@@ -181,8 +181,8 @@ impl ColdStartRetryLayer {
     /// treated as `1`: the request is always sent once.
     ///
     /// Default: no limit (`u32::MAX`). `max_total_wait` bounds a cold start,
-    /// and no [`WakeUp`] strategy sends a model more than one request per
-    /// second (or per 100 ms with [`WakeUp::Poll`] at its floor), except
+    /// and no [`WaitStrategy`] strategy sends a model more than one request per
+    /// second (or per 100 ms with [`WaitStrategy::FixedInterval`] at its floor), except
     /// right after a request the server held for a second or more; so with
     /// the defaults a call sends at most about 120 requests, and in practice
     /// far fewer: two against HuggingFace, which holds the retry.
@@ -225,8 +225,8 @@ impl ColdStartRetryLayer {
     /// advises, so only requests that met a cold start are held.
     ///
     /// Default: `true`.
-    pub fn wait_for_model(mut self, wait_for_model: bool) -> Self {
-        self.config_mut().wait_for_model = wait_for_model;
+    pub fn hold_retries(mut self, hold_retries: bool) -> Self {
+        self.config_mut().hold_retries = hold_retries;
         self
     }
 
@@ -242,8 +242,8 @@ impl ColdStartRetryLayer {
     /// Whether every wait computed from the server's hint is shortened by a
     /// random 0–20% (backoff waits by up to 50%), so that many clients do
     /// not retry in step. The 1 s floor and the budget still apply. Poll
-    /// intervals ([`WakeUp::Adaptive`] against a server that does not hold,
-    /// [`WakeUp::Poll`]) are not jittered: they start from each caller's own
+    /// intervals ([`WaitStrategy::Adaptive`] against a server that does not hold,
+    /// [`WaitStrategy::FixedInterval`]) are not jittered: they start from each caller's own
     /// first answer, so callers are not in step to begin with.
     ///
     /// Default: `true`.
@@ -253,11 +253,11 @@ impl ColdStartRetryLayer {
     }
 
     /// How a call waits between two requests to a loading model: see
-    /// [`WakeUp`].
+    /// [`WaitStrategy`].
     ///
-    /// Default: [`WakeUp::Adaptive`].
-    pub fn wake_up(mut self, wake_up: WakeUp) -> Self {
-        self.config_mut().wake_up = wake_up;
+    /// Default: [`WaitStrategy::Adaptive`].
+    pub fn wait_strategy(mut self, wait_strategy: WaitStrategy) -> Self {
+        self.config_mut().wait_strategy = wait_strategy;
         self
     }
 

@@ -92,20 +92,20 @@
 //!   body byte (and trailers, or body error) exactly as the server sent them.
 //!   `429`, other `503`s and error pages pass through after one request.
 //! - **Waiting.** `estimated_time` is a poor estimate (announced 20 s, taken
-//!   10 s or 24 s), so by default ([`WakeUp::Adaptive`]) the layer does not
+//!   10 s or 24 s), so by default ([`WaitStrategy::Adaptive`]) the layer does not
 //!   sleep it: the first retry goes out 1 s after the first request and
 //!   carries `x-wait-for-model: true` (see
-//!   [`wait_for_model`](ColdStartRetryLayer::wait_for_model)); a server that
+//!   [`hold_retries`](ColdStartRetryLayer::hold_retries)); a server that
 //!   holds it answers the moment the model is ready. A server that answers
 //!   that held retry "loading" at once does not hold, and is polled every
 //!   second (every 2 s for a caller alone). A `Retry-After` or a backoff the
-//!   classifier asks for is honoured as given. [`WakeUp::Advised`] keeps the
+//!   classifier asks for is honoured as given. [`WaitStrategy::SleepEstimate`] keeps the
 //!   first release's behaviour: sleep `estimated_time`, capped by
 //!   [`max_wait`](ColdStartRetryLayer::max_wait), with
 //!   [`default_wait`](ColdStartRetryLayer::default_wait) for a missing,
 //!   negative, NaN, infinite or non-numeric value, never under one second,
 //!   shortened by a random 0–20% ([`jitter`](ColdStartRetryLayer::jitter)).
-//!   [`WakeUp::Poll`] polls at a fixed interval. No strategy sends a model
+//!   [`WaitStrategy::FixedInterval`] polls at a fixed interval. No strategy sends a model
 //!   more than one request per second, save right after a request the server
 //!   held for a second or more, so `"estimated_time": 0` cannot cause a busy
 //!   loop.
@@ -172,7 +172,6 @@
 
 mod body;
 pub mod classifier;
-mod classify;
 pub mod future;
 mod gate;
 mod head;
@@ -190,8 +189,8 @@ pub use layer::ColdStartRetryLayer;
 pub use replay::RequestBody;
 pub use report::{ColdStartReport, RetryEvent, Unbuffered};
 pub use service::ColdStartRetry;
-pub use wake::WakeUp;
-pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUp};
+pub use wake::WaitStrategy;
+pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUpOutcome};
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

@@ -27,7 +27,7 @@ use proptest::prelude::*;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
-use crate::{ColdStartRetryLayer, RequestBody, WakeUp};
+use crate::{ColdStartRetryLayer, RequestBody, WaitStrategy};
 
 /// What the model answers a request, decided when it arrives.
 #[derive(Clone, Copy, Debug)]
@@ -78,11 +78,11 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn wake_up() -> impl Strategy<Value = WakeUp> {
+fn wake_up() -> impl Strategy<Value = WaitStrategy> {
     prop_oneof![
-        Just(WakeUp::Adaptive),
-        Just(WakeUp::Poll(Duration::from_millis(700))),
-        Just(WakeUp::Advised),
+        Just(WaitStrategy::Adaptive),
+        Just(WaitStrategy::FixedInterval(Duration::from_millis(700))),
+        Just(WaitStrategy::SleepEstimate),
     ]
 }
 
@@ -112,7 +112,7 @@ fn loading() -> Response<Full<Bytes>> {
     response
 }
 
-fn run(wake_up: WakeUp, steps: Vec<Step>) -> Result<(), TestCaseError> {
+fn run(wake_up: WaitStrategy, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -162,7 +162,7 @@ fn run(wake_up: WakeUp, steps: Vec<Step>) -> Result<(), TestCaseError> {
             })
         };
         let layer = ColdStartRetryLayer::new()
-            .wake_up(wake_up)
+            .wait_strategy(wake_up)
             .jitter(false)
             .max_total_wait(Duration::from_secs(10));
         let registry = Arc::clone(&layer.config.registry);
@@ -270,7 +270,7 @@ proptest! {
 #[test]
 fn a_nap_that_ends_as_the_model_is_released_sends_under_no_probe() {
     run(
-        WakeUp::Poll(Duration::from_millis(700)),
+        WaitStrategy::FixedInterval(Duration::from_millis(700)),
         vec![
             Step::Model {
                 answer: Answer::Gateway,

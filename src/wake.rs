@@ -3,63 +3,41 @@
 use std::time::Duration;
 
 use crate::classifier::Hint;
-use crate::classify::{self, WaitBounds};
 
-/// How a call waits between two requests to a loading model; set with
-/// [`ColdStartRetryLayer::wake_up`](crate::ColdStartRetryLayer::wake_up).
+/// How a call paces its requests to a loading model; set with
+/// [`ColdStartRetryLayer::wait_strategy`](crate::ColdStartRetryLayer::wait_strategy).
 ///
 /// Whatever the strategy, every wait ends within
-/// [`max_total_wait`](crate::ColdStartRetryLayer::max_total_wait), and a
-/// caller waiting on another caller's probe of the same model is released
-/// the moment any response shows the model ready.
-///
-/// # Which to choose
-///
-/// `estimated_time` is a poor estimate (the recorded pairs in the README:
-/// 20 s announced, 10 s or 24 s taken; 53 s announced, 9 s taken), so
-/// sleeping it wastes up to tens of seconds after the model is ready, or
-/// retries too early. [`Adaptive`](WakeUp::Adaptive) does not trust it: a
-/// server that holds requests (`x-wait-for-model`) answers the held retry the
-/// moment the model is ready, and a server that does not is polled, which
-/// bounds the wasted time by the poll interval. The README's cold-start table
-/// measures all three against the baselines users would otherwise write.
+/// [`max_total_wait`](crate::ColdStartRetryLayer::max_total_wait), no model is
+/// asked more than once per second (per interval with
+/// [`FixedInterval`](WaitStrategy::FixedInterval)) save right after a request
+/// the server held for a second or more, and a caller waiting behind another
+/// caller's probe is released the moment any response shows the model ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum WakeUp {
-    /// The default: learns from the server.
+pub enum WaitStrategy {
+    /// The default: ask the server to hold the request, else poll.
     ///
-    /// - The first retry goes out 1 s after the first request, asking the
-    ///   server to hold it (unless
-    ///   [`wait_for_model(false)`](crate::ColdStartRetryLayer::wait_for_model)
-    ///   or the classifier offers no hold). A server that holds answers it
-    ///   when the model is ready: no lag, one request.
-    /// - A held request that comes back loading after 1 s or more was held:
-    ///   the next goes out at once (the hold was the wait). One that comes
-    ///   back sooner was not held: the server does not hold, so the layer
-    ///   polls, one request per interval counted from send to send. The
-    ///   interval is 1 s while other callers wait on the same model (each
-    ///   poll can release them all); a caller waiting alone stretches it to
-    ///   1.5 s and then 2 s, which costs it at most 2 s of lag and about half
-    ///   the requests of a 1 s poll.
-    /// - A wait the server sets outright (`Retry-After`,
-    ///   [`Hint::After`]) or asks to grow ([`Hint::Backoff`], e.g. TGI's
-    ///   `Model is overloaded`) is honoured as [`Advised`](WakeUp::Advised)
-    ///   does: those are the server's word, not an estimate.
-    ///
-    /// No strategy here sends a model more than one request per second,
-    /// except right after a request the server held for a second or more.
+    /// The first retry goes out 1 s after the first request and asks to be
+    /// held; a server that holds answers it when the model is ready. A held
+    /// request answered "loading" after 1 s or more was held, so the next
+    /// goes out at once; one answered sooner shows a server that does not
+    /// hold, which is polled send-to-send every second while other callers
+    /// wait on the model, and at 1 s, 1.5 s, then every 2 s for a caller
+    /// alone. `Retry-After` ([`Hint::After`]) and backoff ([`Hint::Backoff`])
+    /// are honoured as [`SleepEstimate`](WaitStrategy::SleepEstimate) does.
+    /// `estimated_time` is not used: it is a poor estimate.
     #[default]
     Adaptive,
-    /// Sleeps as the server advises, the crate's first behaviour:
-    /// `estimated_time` (or the classifier's [`Hint`]), capped by
+    /// Sleep what the server advises (`estimated_time`, or the classifier's
+    /// [`Hint`]), capped by
     /// [`max_wait`](crate::ColdStartRetryLayer::max_wait), at least 1 s,
     /// [`default_wait`](crate::ColdStartRetryLayer::default_wait) without a
     /// usable hint, shortened by [jitter](crate::ColdStartRetryLayer::jitter).
-    Advised,
-    /// Sends a request every interval (counted from send to send), whatever
-    /// the server hints. An interval under 100 ms is raised to 100 ms, so
-    /// that a mistake cannot become a busy loop.
-    Poll(Duration),
+    SleepEstimate,
+    /// One request per interval, send to send, whatever the server hints;
+    /// at least 100 ms.
+    FixedInterval(Duration),
 }
 
 /// How long a held request must have taken to show that the server held
@@ -73,8 +51,88 @@ const POLL: Duration = Duration::from_secs(1);
 /// The longest poll interval, for a caller alone.
 const POLL_ALONE_MAX: Duration = Duration::from_secs(2);
 
-/// The shortest interval of [`WakeUp::Poll`].
+/// The shortest interval of [`WaitStrategy::FixedInterval`].
 const POLL_FLOOR: Duration = Duration::from_millis(100);
+
+/// The shortest sleep between two attempts, unless `max_wait` is shorter.
+///
+/// A server that says `"estimated_time": 0` (or 1e-9) must not turn the layer
+/// into a busy loop.
+pub(crate) const MIN_WAIT: Duration = Duration::from_secs(1);
+
+/// A number in [0, 1) from std's randomly keyed hasher (fresh keys on every
+/// call): enough to spread retries and pings, with no dependency.
+pub(crate) fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The bounds that shape one wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaitBounds {
+    pub(crate) default_wait: Duration,
+    pub(crate) max_wait: Duration,
+}
+
+/// How long to sleep after a cold start whose hint is `estimate`.
+///
+/// - a finite, non-negative estimate is used, capped at `max_wait`;
+/// - a missing, negative, NaN or infinite one means `default_wait` (capped);
+/// - the result is never below [`MIN_WAIT`] unless `max_wait` itself is.
+///
+/// The caller further caps it by the time left in its budget.
+pub(crate) fn advised_wait(estimate: Option<f64>, bounds: WaitBounds) -> Duration {
+    let hinted = match estimate {
+        Some(secs) if secs.is_finite() && secs >= 0.0 => {
+            if secs >= bounds.max_wait.as_secs_f64() {
+                bounds.max_wait
+            } else {
+                // `secs` is finite, non-negative and below a `Duration`, so
+                // this cannot fail; the fallback keeps it panic-free anyway.
+                Duration::try_from_secs_f64(secs).unwrap_or(bounds.max_wait)
+            }
+        }
+        _ => bounds.default_wait,
+    };
+    hinted.max(MIN_WAIT).min(bounds.max_wait)
+}
+
+/// The sleep before attempt `attempt + 1` after a cold start that hinted
+/// `hint`: the advised wait, shortened by `jitter` (a number in [0, 1), or
+/// `None` for no jitter) but never below the floor, then cut to the time left
+/// in the budget. `None` when no time is left.
+pub(crate) fn planned_wait(
+    hint: Hint,
+    attempt: u32,
+    bounds: WaitBounds,
+    jitter: Option<f64>,
+    remaining: Duration,
+) -> Option<Duration> {
+    if remaining.is_zero() {
+        return None;
+    }
+    let advised = match hint {
+        Hint::Estimate(secs) => advised_wait(Some(secs), bounds),
+        Hint::After(wait) => advised_wait(Some(wait.as_secs_f64()), bounds),
+        Hint::Backoff => {
+            let doubling = attempt.saturating_sub(1).min(62) as i32;
+            advised_wait(Some(2f64.powi(doubling)), bounds)
+        }
+        Hint::Soon => advised_wait(Some(0.0), bounds),
+        Hint::Unknown => advised_wait(None, bounds),
+    };
+    let wait = match jitter {
+        Some(unit) if unit.is_finite() => {
+            let share = if hint == Hint::Backoff { 0.5 } else { 0.2 };
+            let factor = 1.0 - share * unit.clamp(0.0, 1.0);
+            advised.mul_f64(factor).max(MIN_WAIT.min(bounds.max_wait))
+        }
+        _ => advised,
+    };
+    Some(wait.min(remaining))
+}
 
 /// What the call knows when a loading answer arrives.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +152,7 @@ pub(crate) struct Answer {
 
 /// The wait before the next request, or `None` when the budget is spent.
 pub(crate) fn next_wait(
-    strategy: WakeUp,
+    strategy: WaitStrategy,
     answer: &Answer,
     bounds: WaitBounds,
     jitter: Option<f64>,
@@ -103,11 +161,11 @@ pub(crate) fn next_wait(
     if remaining.is_zero() {
         return None;
     }
-    let advised = || classify::planned_wait(answer.hint, answer.attempt, bounds, jitter, remaining);
+    let advised = || planned_wait(answer.hint, answer.attempt, bounds, jitter, remaining);
     let interval = match strategy {
-        WakeUp::Advised => return advised(),
-        WakeUp::Poll(interval) => interval.max(POLL_FLOOR),
-        WakeUp::Adaptive => match answer.hint {
+        WaitStrategy::SleepEstimate => return advised(),
+        WaitStrategy::FixedInterval(interval) => interval.max(POLL_FLOOR),
+        WaitStrategy::Adaptive => match answer.hint {
             Hint::After(_) | Hint::Backoff => return advised(),
             _ if answer.held && answer.took >= HELD => Duration::ZERO,
             _ => poll_interval(answer),
@@ -119,10 +177,10 @@ pub(crate) fn next_wait(
 /// The shortest time between two requests a strategy sends a loading
 /// model: a caller taking over another's probe waits until that long after
 /// the model was last asked.
-pub(crate) fn pace(strategy: WakeUp) -> Duration {
+pub(crate) fn pace(strategy: WaitStrategy) -> Duration {
     match strategy {
-        WakeUp::Poll(interval) => interval.max(POLL_FLOOR),
-        WakeUp::Adaptive | WakeUp::Advised => POLL,
+        WaitStrategy::FixedInterval(interval) => interval.max(POLL_FLOOR),
+        WaitStrategy::Adaptive | WaitStrategy::SleepEstimate => POLL,
     }
 }
 
@@ -159,7 +217,7 @@ mod tests {
 
     fn adaptive(answer: &Answer) -> Option<Duration> {
         next_wait(
-            WakeUp::Adaptive,
+            WaitStrategy::Adaptive,
             answer,
             bounds(),
             None,
@@ -249,7 +307,7 @@ mod tests {
     #[test]
     fn advised_sleeps_the_estimate() {
         let got = next_wait(
-            WakeUp::Advised,
+            WaitStrategy::SleepEstimate,
             &answer(1),
             bounds(),
             None,
@@ -262,7 +320,7 @@ mod tests {
     fn poll_is_fixed_and_floored() {
         let poll = |interval, took| {
             next_wait(
-                WakeUp::Poll(interval),
+                WaitStrategy::FixedInterval(interval),
                 &Answer { took, ..answer(4) },
                 bounds(),
                 None,
@@ -275,12 +333,134 @@ mod tests {
     }
 
     #[test]
+    fn advised_wait_follows_the_hint_within_bounds() {
+        let b = bounds();
+        assert_eq!(advised_wait(Some(20.0), b), Duration::from_secs(20));
+        assert_eq!(
+            advised_wait(Some(32.137), b),
+            Duration::from_secs_f64(32.137)
+        );
+        assert_eq!(advised_wait(Some(1809.18), b), Duration::from_secs(60));
+        assert_eq!(advised_wait(Some(1e308), b), Duration::from_secs(60));
+        assert_eq!(advised_wait(Some(f64::MAX), b), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn advised_wait_uses_the_default_for_unusable_hints() {
+        let b = bounds();
+        for hint in [
+            None,
+            Some(-1.0),
+            Some(-0.0001),
+            Some(f64::NAN),
+            Some(f64::INFINITY),
+            Some(f64::NEG_INFINITY),
+        ] {
+            assert_eq!(advised_wait(hint, b), Duration::from_secs(20), "{hint:?}");
+        }
+    }
+
+    #[test]
+    fn advised_wait_never_busy_loops() {
+        let b = bounds();
+        for hint in [0.0, 1e-9, 0.5, f64::MIN_POSITIVE] {
+            assert_eq!(advised_wait(Some(hint), b), MIN_WAIT, "{hint}");
+        }
+    }
+
+    #[test]
+    fn advised_wait_respects_a_cap_below_the_floor() {
+        let b = WaitBounds {
+            default_wait: Duration::from_secs(20),
+            max_wait: Duration::from_millis(10),
+        };
+        assert_eq!(advised_wait(Some(5.0), b), Duration::from_millis(10));
+        assert_eq!(advised_wait(None, b), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn advised_wait_with_the_largest_cap_does_not_panic() {
+        let b = WaitBounds {
+            default_wait: Duration::MAX,
+            max_wait: Duration::MAX,
+        };
+        assert_eq!(advised_wait(Some(1e300), b), Duration::MAX);
+        assert_eq!(advised_wait(Some(f64::MAX), b), Duration::MAX);
+        assert_eq!(advised_wait(None, b), Duration::MAX);
+        assert_eq!(advised_wait(Some(30.0), b), Duration::from_secs(30));
+    }
+
+    #[test]
     fn no_wait_outlives_the_budget() {
-        for strategy in [WakeUp::Adaptive, WakeUp::Advised, WakeUp::Poll(secs(5.0))] {
+        for strategy in [
+            WaitStrategy::Adaptive,
+            WaitStrategy::SleepEstimate,
+            WaitStrategy::FixedInterval(secs(5.0)),
+        ] {
             let got = next_wait(strategy, &answer(3), bounds(), None, secs(0.5));
             assert_eq!(got, Some(secs(0.5)), "{strategy:?}");
             let spent = next_wait(strategy, &answer(3), bounds(), None, Duration::ZERO);
             assert_eq!(spent, None, "{strategy:?}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn no_sleep_runs_past_the_budget(
+                hint in prop_oneof![
+                    any::<f64>().prop_map(Hint::Estimate),
+                    any::<u64>().prop_map(|s| Hint::After(Duration::from_secs(s))),
+                    Just(Hint::Backoff),
+                    Just(Hint::Soon),
+                    Just(Hint::Unknown),
+                ],
+                attempt in any::<u32>(),
+                jitter in prop_oneof![Just(None), any::<f64>().prop_map(Some)],
+                default_ms in any::<u64>(),
+                max_ms in any::<u64>(),
+                remaining_ns in any::<u64>(),
+            ) {
+                let bounds = WaitBounds {
+                    default_wait: Duration::from_millis(default_ms),
+                    max_wait: Duration::from_millis(max_ms),
+                };
+                let remaining = Duration::from_nanos(remaining_ns);
+                match planned_wait(hint, attempt, bounds, jitter, remaining) {
+                    None => prop_assert!(remaining.is_zero()),
+                    Some(wait) => {
+                        prop_assert!(wait <= remaining);
+                        prop_assert!(wait <= bounds.max_wait);
+                        prop_assert!(wait >= MIN_WAIT.min(bounds.max_wait).min(remaining));
+                    }
+                }
+            }
+
+            #[test]
+            fn advised_wait_stays_within_its_bounds(
+                estimate in prop_oneof![any::<f64>().prop_map(Some), Just(None)],
+                default_ms in any::<u64>(),
+                max_ms in any::<u64>(),
+            ) {
+                let bounds = WaitBounds {
+                    default_wait: Duration::from_millis(default_ms),
+                    max_wait: Duration::from_millis(max_ms),
+                };
+                let wait = advised_wait(estimate, bounds);
+                prop_assert!(wait <= bounds.max_wait);
+                prop_assert!(wait >= MIN_WAIT.min(bounds.max_wait));
+                if let Some(secs) = estimate.filter(|s| s.is_finite() && *s >= 1.0) {
+                    if secs >= bounds.max_wait.as_secs_f64() {
+                        prop_assert_eq!(wait, bounds.max_wait);
+                    } else {
+                        let error = (wait.as_secs_f64() - secs).abs();
+                        prop_assert!(error <= 1e-6 + secs * 1e-12, "{wait:?} vs {secs}");
+                    }
+                }
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::{BoxError, ColdStartReport};
 /// What [`warm_up`] saw.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum WarmUp {
+pub enum WarmUpOutcome {
     /// The model answered with a success status.
     Warm {
         /// The status of the answer.
@@ -57,9 +57,9 @@ pub enum WarmUp {
 /// already waits out a cold start within the layer's budget, and `warm_up`
 /// calls again (a second later) only if that budget ran out first, the
 /// answer was a `503` or `500`, or the call failed (the server may still be
-/// booting); the latest status and error come back in [`WarmUp::TimedOut`].
+/// booting); the latest status and error come back in [`WarmUpOutcome::TimedOut`].
 /// Any other answer (a `401`, a `404`) will not improve by waiting: it ends
-/// the warm-up at once as [`WarmUp::Failed`].
+/// the warm-up at once as [`WarmUpOutcome::Failed`].
 ///
 /// ```
 /// # use std::convert::Infallible;
@@ -68,7 +68,7 @@ pub enum WarmUp {
 /// # use http::{Request, Response};
 /// # use http_body_util::Full;
 /// use tower::ServiceBuilder;
-/// use tower_cold_start::{warm_up, ColdStartRetryLayer, WarmUp};
+/// use tower_cold_start::{warm_up, ColdStartRetryLayer, WarmUpOutcome};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
@@ -86,14 +86,14 @@ pub enum WarmUp {
 ///     Duration::from_secs(300),
 /// )
 /// .await;
-/// assert!(matches!(outcome, WarmUp::Warm { .. }));
+/// assert!(matches!(outcome, WarmUpOutcome::Warm { .. }));
 /// # }
 /// ```
 pub async fn warm_up<S, ReqBody, ResBody, F>(
     mut service: S,
     request: F,
     deadline: Duration,
-) -> WarmUp
+) -> WarmUpOutcome
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
@@ -111,7 +111,7 @@ where
         let result = match tokio::time::timeout_at(until, call).await {
             Ok(result) => result,
             Err(_) => {
-                return WarmUp::TimedOut {
+                return WarmUpOutcome::TimedOut {
                     last_status,
                     last_error,
                     calls,
@@ -121,7 +121,7 @@ where
         calls += 1;
         match result {
             Ok(response) if response.status().is_success() => {
-                return WarmUp::Warm {
+                return WarmUpOutcome::Warm {
                     status: response.status(),
                     report: response.extensions().get::<ColdStartReport>().copied(),
                     calls,
@@ -132,7 +132,9 @@ where
                 if status != StatusCode::SERVICE_UNAVAILABLE
                     && status != StatusCode::INTERNAL_SERVER_ERROR
                 {
-                    return WarmUp::Failed(format!("warm-up request answered {status}").into());
+                    return WarmUpOutcome::Failed(
+                        format!("warm-up request answered {status}").into(),
+                    );
                 }
                 last_status = Some(status);
             }
@@ -146,7 +148,7 @@ where
             .await
             .is_err()
         {
-            return WarmUp::TimedOut {
+            return WarmUpOutcome::TimedOut {
                 last_status,
                 last_error,
                 calls,
@@ -155,8 +157,15 @@ where
     }
 }
 
-/// Keeps a model warm: the same as [`KeepWarm::spawn`], named to pair with
-/// [`warm_up`].
+/// Keeps a model warm: spawns a task on the current tokio runtime that
+/// sends `request()` through `service`, waits for the answer (pings never
+/// overlap; one that takes longer than the interval is abandoned), logs a
+/// failure with `tracing` and carries on, then sleeps for the schedule's
+/// interval. It stops when the returned [`KeepWarm`] is dropped.
+///
+/// # Panics
+///
+/// If called outside a tokio runtime, like `tokio::spawn`.
 ///
 /// ```
 /// # use std::convert::Infallible;
@@ -182,7 +191,7 @@ where
 /// # }
 /// ```
 pub fn keep_warm<S, ReqBody, ResBody, F>(
-    service: S,
+    mut service: S,
     request: F,
     schedule: KeepWarmSchedule,
 ) -> KeepWarm
@@ -194,11 +203,35 @@ where
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
-    KeepWarm::spawn(service, request, schedule)
+    let task = tokio::spawn(async move {
+        loop {
+            let req = request();
+            let ping = async {
+                poll_fn(|cx| service.poll_ready(cx)).await?;
+                service.call(req).await
+            };
+            // A ping that hangs must not stop the next ones.
+            match tokio::time::timeout(schedule.interval, ping).await {
+                Ok(Ok(response)) if response.status().is_success() => {
+                    tracing::debug!(status = %response.status(), "keep-warm ping answered");
+                }
+                Ok(Ok(response)) => {
+                    tracing::warn!(status = %response.status(), "keep-warm ping answered with an error");
+                }
+                Ok(Err(error)) => {
+                    let error: BoxError = error.into();
+                    tracing::warn!(error = %error, "keep-warm ping failed");
+                }
+                Err(_) => tracing::warn!("keep-warm ping timed out"),
+            }
+            tokio::time::sleep(schedule.next_interval()).await;
+        }
+    });
+    KeepWarm { task }
 }
 
 /// A background task that keeps a model warm by sending it a request at an
-/// interval; see [`KeepWarm::spawn`].
+/// interval; made by [`keep_warm`].
 ///
 /// It stops when this handle is dropped or [`stop`](KeepWarm::stop) is
 /// called, so it never outlives its owner.
@@ -260,60 +293,11 @@ impl KeepWarmSchedule {
             return self.interval;
         }
         self.interval
-            .mul_f64(0.9 + 0.2 * crate::classify::random_unit())
+            .mul_f64(0.9 + 0.2 * crate::wake::random_unit())
     }
 }
 
 impl KeepWarm {
-    /// Spawns the task on the current tokio runtime: it sends `request()`
-    /// through `service`, waits for the answer (the pings never overlap; one
-    /// that takes longer than the interval is abandoned), logs a failure
-    /// with `tracing` and carries on, then sleeps for the schedule's
-    /// interval.
-    ///
-    /// # Panics
-    ///
-    /// If called outside a tokio runtime, like `tokio::spawn`.
-    pub fn spawn<S, ReqBody, ResBody, F>(
-        mut service: S,
-        request: F,
-        schedule: KeepWarmSchedule,
-    ) -> KeepWarm
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        F: Fn() -> Request<ReqBody> + Send + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-    {
-        let task = tokio::spawn(async move {
-            loop {
-                let req = request();
-                let ping = async {
-                    poll_fn(|cx| service.poll_ready(cx)).await?;
-                    service.call(req).await
-                };
-                // A ping that hangs must not stop the next ones.
-                match tokio::time::timeout(schedule.interval, ping).await {
-                    Ok(Ok(response)) if response.status().is_success() => {
-                        tracing::debug!(status = %response.status(), "keep-warm ping answered");
-                    }
-                    Ok(Ok(response)) => {
-                        tracing::warn!(status = %response.status(), "keep-warm ping answered with an error");
-                    }
-                    Ok(Err(error)) => {
-                        let error: BoxError = error.into();
-                        tracing::warn!(error = %error, "keep-warm ping failed");
-                    }
-                    Err(_) => tracing::warn!("keep-warm ping timed out"),
-                }
-                tokio::time::sleep(schedule.next_interval()).await;
-            }
-        });
-        KeepWarm { task }
-    }
-
     /// Stops the task now (also done on drop).
     pub fn stop(self) {
         drop(self);

@@ -293,7 +293,9 @@ async fn tagged(client: Layered, url: String, tag: &'static str) -> u16 {
 fn polling_every_second() -> Layered {
     layered(
         ColdStartRetryLayer::new()
-            .wake_up(tower_cold_start::WakeUp::Poll(Duration::from_secs(1)))
+            .wait_strategy(tower_cold_start::WaitStrategy::FixedInterval(
+                Duration::from_secs(1),
+            ))
             .jitter(false)
             .max_total_wait(Duration::from_secs(4)),
     )

@@ -284,15 +284,16 @@ async fn a_closure_classifies() {
         Model::Sequence(vec![(425, vec![], Bytes::from_static(b"booting"))]),
     )])
     .await;
-    let layer = advised().jitter(false).classifier(
-        |r: &tower_cold_start::classifier::ResponseParts<'_>| {
+    // The closure's parameter type is inferred.
+    let layer = advised()
+        .jitter(false)
+        .classifier(tower_cold_start::classifier::from_fn(|r| {
             (r.status().as_u16() == 425 && r.body() == b"booting").then(|| {
                 tower_cold_start::classifier::ColdStart::new(
                     tower_cold_start::classifier::Hint::After(Duration::from_secs(3)),
                 )
             })
-        },
-    );
+        }));
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 3.0]);

@@ -86,12 +86,8 @@ async fn a_holding_server_answers_the_retry_the_moment_the_model_is_ready() {
 async fn without_the_hold_header_a_slow_model_takes_another_round() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let (response, report) = call(
-        advised().jitter(false).wait_for_model(false),
-        &server,
-        MODEL,
-    )
-    .await;
+    let (response, report) =
+        call(advised().jitter(false).hold_retries(false), &server, MODEL).await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert!(server

@@ -11,7 +11,7 @@ use support::*;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_cold_start::classifier::RetryAfter;
-use tower_cold_start::{ColdStartRetryLayer, WakeUp};
+use tower_cold_start::{ColdStartRetryLayer, WaitStrategy};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -108,7 +108,8 @@ async fn adaptive_honours_a_retry_after_as_given() {
 async fn poll_sends_one_request_per_interval_and_is_floored_at_100ms() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(2), 20.0, false))]).await;
-    let layer = ColdStartRetryLayer::new().wake_up(WakeUp::Poll(Duration::from_millis(500)));
+    let layer = ColdStartRetryLayer::new()
+        .wait_strategy(WaitStrategy::FixedInterval(Duration::from_millis(500)));
     let (status, _, _) = send(layered(layer), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(millis(&server.offsets()), [0, 500, 1000, 1500, 2000]);
@@ -118,7 +119,8 @@ async fn poll_sends_one_request_per_interval_and_is_floored_at_100ms() {
         Model::cold_with(Duration::from_millis(300), 20.0, false),
     )])
     .await;
-    let layer = ColdStartRetryLayer::new().wake_up(WakeUp::Poll(Duration::ZERO));
+    let layer =
+        ColdStartRetryLayer::new().wait_strategy(WaitStrategy::FixedInterval(Duration::ZERO));
     let (status, _, _) = send(layered(layer), server.url(MODEL), "{}").await;
     assert_eq!(status, 200);
     assert_eq!(millis(&server.offsets()), [0, 100, 200, 300]);
@@ -188,7 +190,7 @@ async fn a_sleeping_probe_wakes_when_another_request_finds_the_model_warm() {
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
     let client = layered(
         ColdStartRetryLayer::new()
-            .wake_up(WakeUp::Advised)
+            .wait_strategy(WaitStrategy::SleepEstimate)
             .jitter(false),
     );
     let start = Instant::now();

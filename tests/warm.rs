@@ -11,7 +11,7 @@ use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
-use tower_cold_start::{warm_up, ColdStartRetryLayer, KeepWarm, KeepWarmSchedule, WarmUp};
+use tower_cold_start::{keep_warm, warm_up, ColdStartRetryLayer, KeepWarmSchedule, WarmUpOutcome};
 
 const MODEL: &str = "/models/gpt2";
 
@@ -33,7 +33,7 @@ async fn warm_up_resolves_when_the_model_answers_warm() {
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
-    let WarmUp::Warm {
+    let WarmUpOutcome::Warm {
         status,
         report,
         calls,
@@ -66,7 +66,7 @@ async fn warm_up_calls_again_when_the_layer_budget_ends_first() {
         )
         .service(http1());
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
-    let WarmUp::Warm { calls, .. } = outcome else {
+    let WarmUpOutcome::Warm { calls, .. } = outcome else {
         panic!("{outcome:?}");
     };
     assert!(calls >= 2, "{calls}");
@@ -80,7 +80,10 @@ async fn warm_up_times_out_at_its_deadline() {
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(45)).await;
-    assert!(matches!(outcome, WarmUp::TimedOut { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, WarmUpOutcome::TimedOut { .. }),
+        "{outcome:?}"
+    );
     assert_eq!(start.elapsed(), Duration::from_secs(45));
 }
 
@@ -100,7 +103,7 @@ async fn warm_up_stops_at_once_on_an_answer_waiting_cannot_fix() {
         .service(http1());
     let start = Instant::now();
     let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(300)).await;
-    let WarmUp::Failed(error) = outcome else {
+    let WarmUpOutcome::Failed(error) = outcome else {
         panic!("{outcome:?}");
     };
     assert!(error.to_string().contains("401"), "{error}");
@@ -117,7 +120,7 @@ async fn keep_warm_pings_at_its_interval_without_overlap_and_stops_when_dropped(
     let schedule = KeepWarmSchedule::new()
         .interval(Duration::from_secs(60))
         .jitter(false);
-    let keep = KeepWarm::spawn(client, ping(server.url(MODEL)), schedule);
+    let keep = keep_warm(client, ping(server.url(MODEL)), schedule);
     tokio::time::sleep(Duration::from_secs(60 * 10 + 30)).await;
     assert!(keep.is_running());
     // At 0, 60, ..., 600 s.
@@ -137,7 +140,7 @@ async fn keep_warm_jitters_within_ten_percent() {
     let client = ServiceBuilder::new()
         .layer(ColdStartRetryLayer::new().jitter(false))
         .service(http1());
-    let keep = KeepWarm::spawn(client, ping(server.url(MODEL)), KeepWarmSchedule::new());
+    let keep = keep_warm(client, ping(server.url(MODEL)), KeepWarmSchedule::new());
     tokio::time::sleep(Duration::from_secs(15 * 60 * 20)).await;
     keep.stop();
     let received = server.received();
@@ -177,7 +180,7 @@ async fn keep_warm_logs_failures_and_carries_on() {
     let schedule = KeepWarmSchedule::new()
         .interval(Duration::from_secs(60))
         .jitter(false);
-    let keep = KeepWarm::spawn(client, request, schedule);
+    let keep = keep_warm(client, request, schedule);
     tokio::time::sleep(Duration::from_secs(60 * 4 + 30)).await;
     assert!(keep.is_running());
     assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 5);
@@ -198,7 +201,7 @@ async fn warm_up_against_a_refused_port_times_out_with_the_last_error() {
     let url = format!("http://127.0.0.1:{port}{MODEL}");
     let start = Instant::now();
     let outcome = warm_up(client, ping(url), Duration::from_secs(3)).await;
-    let WarmUp::TimedOut {
+    let WarmUpOutcome::TimedOut {
         last_status: None,
         last_error: Some(error),
         calls,

@@ -11,7 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::ServiceExt;
-use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WakeUp};
+use tower_cold_start::{ColdStartRetry, ColdStartRetryLayer, RequestBody, WaitStrategy};
 
 #[allow(unused_imports)]
 pub use hf_server::{loading_body, HfServer, Model, Received};
@@ -36,10 +36,10 @@ where
         .build_http()
 }
 
-/// The layer with the first release's wake-up, `WakeUp::Advised` (sleep
+/// The layer with the first release's wake-up, `WaitStrategy::SleepEstimate` (sleep
 /// `estimated_time`): for the tests that pin that schedule.
 pub fn advised() -> ColdStartRetryLayer {
-    ColdStartRetryLayer::new().wake_up(WakeUp::Advised)
+    ColdStartRetryLayer::new().wait_strategy(WaitStrategy::SleepEstimate)
 }
 
 /// hyper-util's HTTP/1 client behind the layer.

@@ -1,0 +1,411 @@
+//! Deciding which responses are cold starts, for HuggingFace and beyond.
+//!
+//! A [`Classify`] looks at a response that is not a success (its status, its
+//! headers, and at most the first 4 KiB of its body) and says whether it is a
+//! cold start, what wait the server hints, and how to ask the server to hold
+//! the retry. [`ColdStartRetryLayer::classifier`](crate::ColdStartRetryLayer::classifier)
+//! installs one; the default is [`HuggingFace`]. Classifiers combine with
+//! [`Classify::or`], and [`from_fn`] makes one of a closure.
+//!
+//! | built-in | recognises | wait | hold header on retries |
+//! |---|---|---|---|
+//! | [`HuggingFace`] | `503` `{"error":"… is currently loading","estimated_time":…}`; `500` `Model too busy` after a hold | `estimated_time` | `x-wait-for-model: true` |
+//! | [`InferenceEndpoints`] | `503` or `502` from the endpoint proxy while a replica boots | `Retry-After` if sent | `X-Scale-Up-Timeout: <seconds left>` |
+//! | [`TgiOverloaded`] | `429` `{"error_type":"overloaded"}` from text-generation-inference | exponential backoff | none |
+//! | [`RetryAfter`] | `503` or `429` with a `Retry-After` header | the header (seconds or HTTP date) | none, or `Prefer: wait=N` |
+//!
+//! ```
+//! use tower_cold_start::classifier::{self, Classify, ColdStart, HuggingFace, Hint, RetryAfter};
+//! use tower_cold_start::ColdStartRetryLayer;
+//!
+//! // HuggingFace's loading marker, else any 503/429 that says Retry-After.
+//! let layer = ColdStartRetryLayer::new().classifier(HuggingFace.or(RetryAfter::new()));
+//!
+//! // A closure: a gateway of ours answers 425 while its model boots.
+//! let layer = ColdStartRetryLayer::new().classifier(classifier::from_fn(|response| {
+//!     (response.status() == 425).then(|| ColdStart::new(Hint::Unknown))
+//! }));
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+
+mod endpoints;
+mod huggingface;
+mod retry_after;
+mod tgi;
+
+pub use endpoints::InferenceEndpoints;
+pub use huggingface::HuggingFace;
+pub use retry_after::RetryAfter;
+pub use tgi::TgiOverloaded;
+
+pub(crate) use huggingface::X_WAIT_FOR_MODEL;
+
+/// The most bytes of a response body that are read to classify it.
+///
+/// HuggingFace's loading body is about 120 bytes plus the model id, so 4 KiB
+/// leaves ample room while bounding what a hostile server can make us buffer.
+pub(crate) const PEEK_LIMIT: usize = 4 * 1024;
+
+/// The longest time spent reading a response body to classify it: a loading
+/// body comes with the headers, so one still incomplete after this long is
+/// handed to the caller as it is.
+pub(crate) const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a classifier sees of a response.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseView<'a> {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) body: &'a [u8],
+    pub(crate) held: bool,
+    pub(crate) attempt: u32,
+}
+
+impl<'a> ResponseView<'a> {
+    /// The response's status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The response's headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The response body: all of it, at most 4 KiB (a larger body is never
+    /// classified).
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// Whether the request asked the server to hold it.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Which attempt this answers (1 for the first request).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// A cold start, as a classifier saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdStart {
+    hint: Hint,
+    hold: Hold,
+    model: Option<String>,
+}
+
+impl ColdStart {
+    /// A cold start with this wait hint, no hold header and no model name.
+    pub fn new(hint: Hint) -> Self {
+        ColdStart {
+            hint,
+            hold: Hold::None,
+            model: None,
+        }
+    }
+
+    /// The same, with retries asking the server to hold them this way.
+    pub fn with_hold(mut self, hold: Hold) -> Self {
+        self.hold = hold;
+        self
+    }
+
+    /// The same, naming the model the server named.
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// The wait the response hints at.
+    pub fn hint(&self) -> Hint {
+        self.hint
+    }
+
+    /// How retries ask the server to hold them.
+    pub fn hold(&self) -> Hold {
+        self.hold
+    }
+
+    /// The model the server named, if it named one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
+/// The wait a response hints at. Whatever it says, the layer's bounds
+/// (`max_wait`, `max_total_wait`, a 1 s floor) apply, and jitter if enabled.
+///
+/// [`WaitStrategy::SleepEstimate`](crate::WaitStrategy::SleepEstimate)
+/// sleeps every hint as described below; the default,
+/// [`Adaptive`](crate::WaitStrategy::Adaptive), follows
+/// [`After`](Hint::After) and [`Backoff`](Hint::Backoff) likewise, but polls
+/// (or retries a long-held request at once) instead of sleeping an
+/// [`Estimate`](Hint::Estimate), [`Soon`](Hint::Soon) or
+/// [`Unknown`](Hint::Unknown).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Hint {
+    /// Seconds, as the server wrote them (untrusted: negative, NaN, huge are
+    /// handled as for HuggingFace's `estimated_time`).
+    Estimate(f64),
+    /// A wait the server set, e.g. from `Retry-After`.
+    After(Duration),
+    /// No hint: exponential backoff from 1 s, doubling per attempt.
+    Backoff,
+    /// The server has just waited (a hold that timed out): retry after the
+    /// shortest wait.
+    Soon,
+    /// No hint: `default_wait`.
+    Unknown,
+}
+
+/// How a retry asks the server to hold it until the model is ready.
+/// [`hold_retries(false)`](crate::ColdStartRetryLayer::hold_retries) turns
+/// all of them off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Hold {
+    /// No header.
+    #[default]
+    None,
+    /// HuggingFace serverless: `x-wait-for-model: true`.
+    WaitForModel,
+    /// HuggingFace Inference Endpoints: `X-Scale-Up-Timeout: N`, N the
+    /// seconds left in the caller's budget.
+    ScaleUpTimeout,
+    /// Replicate and others (RFC 7240): `Prefer: wait=N`, N the seconds left,
+    /// at most 60.
+    PreferWait,
+}
+
+impl Hold {
+    /// Adds this hold's header to a retry, unless the caller set it.
+    pub(crate) fn apply(self, headers: &mut HeaderMap, remaining: Duration) {
+        let secs = remaining.as_secs().max(1);
+        let (name, value) = match self {
+            Hold::None => return,
+            Hold::WaitForModel => (X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true")),
+            Hold::ScaleUpTimeout => (
+                HeaderName::from_static("x-scale-up-timeout"),
+                HeaderValue::from(secs),
+            ),
+            Hold::PreferWait => (
+                HeaderName::from_static("prefer"),
+                HeaderValue::try_from(format!("wait={}", secs.min(60)))
+                    .unwrap_or_else(|_| HeaderValue::from_static("wait")),
+            ),
+        };
+        if !headers.contains_key(&name) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Decides which responses are cold starts. See the [module docs](self).
+///
+/// Implemented by the built-ins, by [`Or`] and by [`FromFn`].
+pub trait Classify: Send + Sync + 'static {
+    /// Whether a response with this status may be a cold start, so that its
+    /// body is worth reading (up to 4 KiB). Successes are never shown.
+    ///
+    /// Default: `true` for every status.
+    fn may_be_cold_start(&self, status: StatusCode, held: bool) -> bool {
+        let _ = (status, held);
+        true
+    }
+
+    /// Whether `response` is a cold start, and what it hints.
+    fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart>;
+
+    /// This classifier, or else `other`.
+    fn or<B: Classify>(self, other: B) -> Or<Self, B>
+    where
+        Self: Sized,
+    {
+        Or { a: self, b: other }
+    }
+}
+
+/// A classifier made of a closure: see [`from_fn`].
+#[derive(Clone, Copy)]
+pub struct FromFn<F>(F);
+
+impl<F> fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FromFn")
+    }
+}
+
+/// A classifier of a closure, shown every response that is not a success;
+/// the closure's parameter type is inferred.
+///
+/// ```
+/// use tower_cold_start::classifier::{self, Classify, ColdStart, Hint, HuggingFace};
+///
+/// let ours = classifier::from_fn(|response| {
+///     (response.status() == 425).then(|| ColdStart::new(Hint::Soon))
+/// });
+/// let both = ours.or(HuggingFace);
+/// # let _ = both;
+/// ```
+pub fn from_fn<F>(f: F) -> FromFn<F>
+where
+    F: Fn(&ResponseView<'_>) -> Option<ColdStart> + Send + Sync + 'static,
+{
+    FromFn(f)
+}
+
+impl<F> Classify for FromFn<F>
+where
+    F: Fn(&ResponseView<'_>) -> Option<ColdStart> + Send + Sync + 'static,
+{
+    fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
+        (self.0)(response)
+    }
+}
+
+/// `a`, or else `b`: see [`Classify::or`].
+#[derive(Debug, Clone, Copy)]
+pub struct Or<A, B> {
+    a: A,
+    b: B,
+}
+
+impl<A: Classify, B: Classify> Classify for Or<A, B> {
+    fn may_be_cold_start(&self, status: StatusCode, held: bool) -> bool {
+        self.a.may_be_cold_start(status, held) || self.b.may_be_cold_start(status, held)
+    }
+
+    fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
+        let try_one = |c: &dyn Classify| {
+            c.may_be_cold_start(response.status, response.held)
+                .then(|| c.classify(response))
+                .flatten()
+        };
+        try_one(&self.a).or_else(|| try_one(&self.b))
+    }
+}
+
+/// Whether a body starts a JSON object: serde would also accept an array
+/// for a struct, which no server sends for an error.
+pub(crate) fn starts_an_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// The layer's classifier, shared by its services and calls.
+#[derive(Clone)]
+pub(crate) struct Shared(pub(crate) std::sync::Arc<dyn Classify>);
+
+impl Shared {
+    /// Whether a response with this status may be a cold start: never a
+    /// success, else as the classifier says. The one place that decides
+    /// whether a response is worth reading (with the size of its body).
+    pub(crate) fn may_be_cold_start(&self, status: StatusCode, held: bool) -> bool {
+        !status.is_success() && self.0.may_be_cold_start(status, held)
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared(std::sync::Arc::new(HuggingFace))
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Classify")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub(crate) fn view<'a>(
+        status: u16,
+        headers: &'a HeaderMap,
+        body: &'a [u8],
+    ) -> ResponseView<'a> {
+        ResponseView {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers,
+            body,
+            held: false,
+            attempt: 1,
+        }
+    }
+
+    pub(crate) fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_static(k),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn or_tries_each_in_turn_and_closures_classify() {
+        let h = headers(&[("retry-after", "3")]);
+        let loading = br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#;
+        let both = HuggingFace.or(RetryAfter::new());
+        assert_eq!(
+            both.classify(&view(503, &h, loading)).unwrap().hint,
+            Hint::Estimate(20.0)
+        );
+        assert_eq!(
+            both.classify(&view(503, &h, b"<html>")).unwrap().hint,
+            Hint::After(Duration::from_secs(3))
+        );
+        assert!(both
+            .classify(&view(503, &HeaderMap::new(), b"<html>"))
+            .is_none());
+        let custom = from_fn(|r| (r.status().as_u16() == 425).then(|| ColdStart::new(Hint::Soon)));
+        let chained = custom.or(HuggingFace);
+        assert_eq!(
+            chained.classify(&view(425, &h, b"")).unwrap().hint,
+            Hint::Soon
+        );
+        assert!(chained.classify(&view(404, &h, b"")).is_none());
+    }
+
+    #[test]
+    fn holds_are_written_from_the_budget_left() {
+        let mut out = HeaderMap::new();
+        Hold::ScaleUpTimeout.apply(&mut out, Duration::from_millis(95_600));
+        assert_eq!(out["x-scale-up-timeout"], "95");
+        let mut out = HeaderMap::new();
+        Hold::PreferWait.apply(&mut out, Duration::from_secs(600));
+        assert_eq!(out["prefer"], "wait=60");
+        let mut out = headers(&[("x-wait-for-model", "false")]);
+        Hold::WaitForModel.apply(&mut out, Duration::from_secs(1));
+        assert_eq!(out["x-wait-for-model"], "false", "the caller's own stays");
+    }
+
+    #[test]
+    fn a_cold_start_tells_what_it_was_built_with() {
+        let cold = ColdStart::new(Hint::Backoff)
+            .with_hold(Hold::PreferWait)
+            .with_model("m");
+        assert_eq!(cold.hint(), Hint::Backoff);
+        assert_eq!(cold.hold(), Hold::PreferWait);
+        assert_eq!(cold.model(), Some("m"));
+    }
+}
