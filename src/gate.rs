@@ -99,6 +99,7 @@ struct GateState {
 }
 
 /// A loading response, read to its end.
+#[derive(Clone)]
 pub(crate) struct Snapshot {
     pub(crate) head: response::Parts,
     pub(crate) body: Vec<Bytes>,

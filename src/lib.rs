@@ -171,6 +171,7 @@
 )]
 
 mod body;
+mod call;
 pub mod classifier;
 pub mod future;
 mod gate;
@@ -178,6 +179,7 @@ mod head;
 mod layer;
 #[cfg(test)]
 mod lifecycle_tests;
+mod peek;
 mod replay;
 mod report;
 mod service;

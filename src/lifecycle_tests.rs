@@ -78,7 +78,7 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn wake_up() -> impl Strategy<Value = WaitStrategy> {
+fn wait_strategy() -> impl Strategy<Value = WaitStrategy> {
     prop_oneof![
         Just(WaitStrategy::Adaptive),
         Just(WaitStrategy::FixedInterval(Duration::from_millis(700))),
@@ -112,89 +112,106 @@ fn loading() -> Response<Full<Bytes>> {
     response
 }
 
-fn run(wake_up: WaitStrategy, steps: Vec<Step>) -> Result<(), TestCaseError> {
+type Shared = Arc<Mutex<Model>>;
+
+/// A model server in-process: each request meets its caller's own first
+/// answer, if it has one, else the model's answer now, after its latency.
+async fn serve(
+    model: Shared,
+    req: Request<RequestBody<Full<Bytes>>>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let caller = req.into_body().collect().await.unwrap().to_bytes();
+    let (answer, latency) = {
+        let mut model = model.lock().unwrap();
+        model.in_flight += 1;
+        match model.firsts.remove(&caller) {
+            Some(first) => first,
+            None => (model.answer.unwrap_or(Answer::Loading), model.latency),
+        }
+    };
+    // Counted out however the request ends, dropped included.
+    let in_flight = InFlight(Arc::clone(&model));
+    tokio::time::sleep(latency).await;
+    drop(in_flight);
+    // Recorded as the answer leaves, with the layer's handling of it next
+    // in the same poll. An error is no answer from the model: it releases
+    // nothing.
+    match answer {
+        Answer::Loading => model.lock().unwrap().released = false,
+        Answer::Gateway | Answer::Warm => model.lock().unwrap().released = true,
+        Answer::Error => {}
+    }
+    match answer {
+        Answer::Loading => Ok(loading()),
+        Answer::Gateway => {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"no")));
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            Ok(response)
+        }
+        Answer::Warm => Ok(Response::new(Full::new(Bytes::from_static(b"ok")))),
+        Answer::Error => Err(std::io::Error::other("reset")),
+    }
+}
+
+/// The invariants, after a step.
+fn check(
+    layer: &ColdStartRetryLayer,
+    model: &Shared,
+    callers: &mut VecDeque<JoinHandle<()>>,
+    at: &str,
+) -> Result<(), TestCaseError> {
+    callers.retain(|c| !c.is_finished());
+    let registry = &layer.config.registry;
+    let probes = registry.live.probes.load(Ordering::Relaxed);
+    let waiters = registry.live.waiters.load(Ordering::Relaxed);
+    let stale = registry.live.stale_sends.load(Ordering::Relaxed);
+    let cold = registry.cold_models();
+    let (in_flight, released) = {
+        let model = model.lock().unwrap();
+        (model.in_flight, model.released)
+    };
+    prop_assert_eq!(stale, 0, "{}: sent under an outlived probe", at);
+    prop_assert!(
+        probes <= 1 + in_flight,
+        "{at}: {probes} probes, {in_flight} requests in flight"
+    );
+    if released {
+        prop_assert_eq!((waiters, cold), (0, 0), "{}: after a release", at);
+    }
+    if callers.is_empty() {
+        prop_assert_eq!((probes, waiters, cold), (0, 0, 0), "{}: nobody left", at);
+        prop_assert_eq!(layer.config.pool.used(), 0, "{}: bodies still held", at);
+    }
+    Ok(())
+}
+
+/// Lets every task that can run, run.
+async fn settle() {
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn run(wait_strategy: WaitStrategy, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
     rt.block_on(async move {
-        let model = Arc::new(Mutex::new(Model::default()));
+        let model = Shared::default();
         let backend = {
             let model = Arc::clone(&model);
-            tower::service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
-                let model = Arc::clone(&model);
-                async move {
-                    let caller = req.into_body().collect().await.unwrap().to_bytes();
-                    let (answer, latency) = {
-                        let mut model = model.lock().unwrap();
-                        model.in_flight += 1;
-                        match model.firsts.remove(&caller) {
-                            Some(first) => first,
-                            None => (model.answer.unwrap_or(Answer::Loading), model.latency),
-                        }
-                    };
-                    // Counted out however the request ends, dropped included.
-                    let in_flight = InFlight(Arc::clone(&model));
-                    tokio::time::sleep(latency).await;
-                    drop(in_flight);
-                    // Recorded as the answer leaves, with the layer's
-                    // handling of it next in the same poll. An error is
-                    // no answer from the model: it releases nothing.
-                    match answer {
-                        Answer::Loading => model.lock().unwrap().released = false,
-                        Answer::Gateway | Answer::Warm => model.lock().unwrap().released = true,
-                        Answer::Error => {}
-                    }
-                    match answer {
-                        Answer::Loading => Ok(loading()),
-                        Answer::Gateway => {
-                            let mut response = Response::new(Full::new(Bytes::from_static(b"no")));
-                            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                            Ok(response)
-                        }
-                        Answer::Warm => Ok(Response::new(Full::new(Bytes::from_static(b"ok")))),
-                        Answer::Error => {
-                            Err::<Response<Full<Bytes>>, _>(std::io::Error::other("reset"))
-                        }
-                    }
-                }
-            })
+            tower::service_fn(move |req| serve(Arc::clone(&model), req))
         };
         let layer = ColdStartRetryLayer::new()
-            .wait_strategy(wake_up)
+            .wait_strategy(wait_strategy)
             .jitter(false)
             .max_total_wait(Duration::from_secs(10));
-        let registry = Arc::clone(&layer.config.registry);
-        let pool = Arc::clone(&layer.config.pool);
-        let client = tower::ServiceBuilder::new().layer(layer).service(backend);
+        let client = tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(backend);
         let mut callers: VecDeque<JoinHandle<()>> = VecDeque::new();
-
-        let check = |callers: &mut VecDeque<JoinHandle<()>>, at: &str| {
-            callers.retain(|c| !c.is_finished());
-            let probes = registry.live.probes.load(Ordering::Relaxed);
-            let waiters = registry.live.waiters.load(Ordering::Relaxed);
-            let stale = registry.live.stale_sends.load(Ordering::Relaxed);
-            let cold = registry.cold_models();
-            let (in_flight, released) = {
-                let model = model.lock().unwrap();
-                (model.in_flight, model.released)
-            };
-            prop_assert_eq!(stale, 0, "{}: sent under an outlived probe", at);
-            prop_assert!(
-                probes <= 1 + in_flight,
-                "{at}: {probes} probes, {in_flight} requests in flight"
-            );
-            if released {
-                prop_assert_eq!((waiters, cold), (0, 0), "{}: after a release", at);
-            }
-            if callers.is_empty() {
-                prop_assert_eq!((probes, waiters, cold), (0, 0, 0), "{}: nobody left", at);
-                prop_assert_eq!(pool.used(), 0, "{}: bodies still held", at);
-            }
-            Ok(())
-        };
-
         for (i, step) in steps.into_iter().enumerate() {
             match step {
                 Step::Arrive { timeout_ms, first } => {
@@ -208,16 +225,10 @@ fn run(wake_up: WaitStrategy, steps: Vec<Step>) -> Result<(), TestCaseError> {
                         .body(Full::new(caller))
                         .unwrap();
                     let call = client.clone().oneshot(request);
+                    let limit =
+                        timeout_ms.map_or(Duration::MAX, |ms| Duration::from_millis(ms.into()));
                     callers.push_back(tokio::spawn(async move {
-                        match timeout_ms {
-                            Some(ms) => {
-                                let limit = Duration::from_millis(ms.into());
-                                let _ = tokio::time::timeout(limit, call).await;
-                            }
-                            None => {
-                                let _ = call.await;
-                            }
-                        }
+                        let _ = tokio::time::timeout(limit, call).await;
                     }));
                 }
                 Step::Model { answer, latency_ms } => {
@@ -235,20 +246,15 @@ fn run(wake_up: WaitStrategy, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     tokio::time::sleep(Duration::from_millis(ms.into())).await;
                 }
             }
-            // Let every task that can run, run.
-            for _ in 0..16 {
-                tokio::task::yield_now().await;
-            }
-            check(&mut callers, &format!("step {i}"))?;
+            settle().await;
+            check(&layer, &model, &mut callers, &format!("step {i}"))?;
         }
         // Every caller runs to its end: budgets are 10 s, answers come
         // within 2.5 s.
         tokio::time::sleep(Duration::from_secs(60)).await;
-        for _ in 0..16 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         prop_assert!(callers.iter().all(JoinHandle::is_finished));
-        check(&mut callers, "the end")
+        check(&layer, &model, &mut callers, "the end")
     })
 }
 
@@ -257,10 +263,10 @@ proptest! {
 
     #[test]
     fn one_models_state_lives_exactly_as_long_as_its_callers(
-        wake_up in wake_up(),
+        wait_strategy in wait_strategy(),
         steps in prop::collection::vec(step(), 1..48),
     ) {
-        run(wake_up, steps)?;
+        run(wait_strategy, steps)?;
     }
 }
 

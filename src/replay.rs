@@ -209,8 +209,14 @@ impl Buffered {
 /// A body that may turn out too large is boxed first, because it must then be
 /// handed on, already started, to the inner service.
 pub(crate) enum Source<B> {
+    /// Nothing to read: replay an empty body.
+    Empty,
+    /// An exact size within the limit, taken from the pool: read in place.
     Fits(B),
+    /// Read, boxed, to be handed on if it passes a limit.
     MayOverflow(Pin<Box<B>>),
+    /// Known to be over a limit: stream it once, unread.
+    Over(Pin<Box<B>>, Unbuffered),
 }
 
 /// What reading the body ended in.
@@ -239,6 +245,8 @@ pin_project! {
         #[pin]
         fits: Option<B>,
         boxed: Option<Pin<Box<B>>>,
+        // Known over a limit before any of it was read.
+        over: Option<Unbuffered>,
         limit: usize,
         len: usize,
         // The first chunk is kept apart so that a single-chunk body (the
@@ -255,13 +263,16 @@ where
     B::Error: Into<BoxError>,
 {
     pub(crate) fn new(source: Source<B>, limit: usize) -> Self {
-        let (fits, boxed) = match source {
-            Source::Fits(body) => (Some(body), None),
-            Source::MayOverflow(body) => (None, Some(body)),
+        let (fits, boxed, over) = match source {
+            Source::Empty => (None, None, None),
+            Source::Fits(body) => (Some(body), None, None),
+            Source::MayOverflow(body) => (None, Some(body), None),
+            Source::Over(body, reason) => (None, Some(body), Some(reason)),
         };
         Reader {
             fits,
             boxed,
+            over,
             limit,
             len: 0,
             first: None,
@@ -276,6 +287,12 @@ where
         mut allowance: Allowance<'_>,
     ) -> Poll<Result<Buffering<B>, BoxError>> {
         let mut this = self.project();
+        if let Some(reason) = this.over.take() {
+            if let Some(body) = this.boxed.take() {
+                let body = RequestBody::stream(VecDeque::new(), body);
+                return Poll::Ready(Ok(Buffering::Overflow(body, reason)));
+            }
+        }
         loop {
             let frame = if let Some(body) = this.fits.as_mut().as_pin_mut() {
                 ready!(body.poll_frame(cx))
@@ -351,32 +368,20 @@ where
     }
 }
 
-/// Decides how a body is handled before any of it is read.
-pub(crate) enum Plan<B> {
-    /// Nothing to read: replay an empty body.
-    Empty,
-    /// Read it (in place or boxed).
-    Read(Source<B>),
-    /// Known to be over a limit: stream it once, unread.
-    Stream(RequestBody<B>, Unbuffered),
-}
-
 /// A body of an exact size within `limit` takes that size from the pool up
 /// front (it is read in place, and could not be handed on half-read); any
 /// other takes its chunks as they come.
-pub(crate) fn plan<B: Body>(body: B, limit: usize, mut allowance: Allowance<'_>) -> Plan<B> {
+pub(crate) fn plan<B: Body>(body: B, limit: usize, mut allowance: Allowance<'_>) -> Source<B> {
     if body.is_end_stream() {
-        return Plan::Empty;
+        return Source::Empty;
     }
     let hint = body.size_hint();
-    let stream =
-        |body, reason| Plan::Stream(RequestBody::stream(VecDeque::new(), Box::pin(body)), reason);
     if hint.lower() > limit as u64 {
-        return stream(body, Unbuffered::BodyLimit);
+        return Source::Over(Box::pin(body), Unbuffered::BodyLimit);
     }
     match hint.exact() {
-        Some(n) if allowance.take(n as usize) => Plan::Read(Source::Fits(body)),
-        Some(_) => stream(body, Unbuffered::TotalLimit),
-        None => Plan::Read(Source::MayOverflow(Box::pin(body))),
+        Some(n) if allowance.take(n as usize) => Source::Fits(body),
+        Some(_) => Source::Over(Box::pin(body), Unbuffered::TotalLimit),
+        None => Source::MayOverflow(Box::pin(body)),
     }
 }

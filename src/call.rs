@@ -1,0 +1,975 @@
+//! One call's bookkeeping, and every decision the response future asks of it.
+//!
+//! The future ([`crate::future`]) polls one thing at a time and hands what it
+//! got to one method here, which says what to do next as a [`Step`]: send,
+//! read a body, wait, poll the service, or answer. Nothing here polls.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{request, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{sleep_until, Instant, Sleep};
+use tower_service::Service;
+
+use crate::body::End;
+use crate::classifier::{ColdStart, Hint, Hold, ResponseView, PEEK_LIMIT, X_WAIT_FOR_MODEL};
+use crate::gate::{Company, Gate, Probe, Registry, Snapshot};
+use crate::head::Head;
+use crate::layer::Config;
+use crate::peek::Peek;
+use crate::replay::{Allowance, Buffered, Buffering};
+use crate::wake::{self, Answer};
+use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent, Unbuffered};
+
+/// What the future does next.
+// A step is moved once, from a decision to the state it names; boxing the
+// answer would put an allocation on the warm path.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Step<F, B: Body> {
+    /// Wait for this response.
+    Call(F, Attempt),
+    /// Read the start of this response's body to classify it.
+    Peek(Box<Peek<B>>, Attempt),
+    /// Wait for a timer, another caller's probe, or the model's release.
+    Wait(Box<Wait>),
+    /// Poll the service ready, then send the next attempt.
+    Ready,
+    /// Answer the caller.
+    Done(Result<Response<ResponseBody<B>>, BoxError>),
+}
+
+/// What the request in flight asked, for reading its answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt {
+    // Whether it asked the server to hold it.
+    held: bool,
+    // When it was sent, if it is a retry or held (the first request is not
+    // timed: the warm path reads no clock).
+    sent: Option<Instant>,
+}
+
+/// The caller's request head, as far as the call has got.
+enum Kept {
+    /// Not sent yet.
+    Unsent(request::Parts),
+    /// Sent; a copy is kept for retries.
+    Copy(Head),
+    /// Sent, and no retry can follow (an unbuffered body, or the last
+    /// possible attempt went out).
+    Spent,
+}
+
+/// What a call learns once it met its model cold.
+struct Cold {
+    // When this call first met the model loading.
+    since: Instant,
+    // Time spent without a request in flight: asleep, or waiting for
+    // another caller's probe of the same model.
+    waited: Duration,
+    // The latest loading response seen, returned as it came if the budget
+    // runs out before the next attempt is sent. A caller waiting behind a
+    // probe keeps none: it takes the model's latest when it stops waiting.
+    last: Option<Arc<Snapshot>>,
+}
+
+/// Everything about one call that is not pinned.
+pub(crate) struct Call<S, ReqBody> {
+    service: S,
+    config: Arc<Config>,
+    request: Kept,
+    body: Buffered,
+    // Requests sent so far.
+    attempts: u32,
+    // The model's key in the shared registry, once needed (`Some(None)`:
+    // the user's key function gave none, so this call is not coalesced).
+    key: Option<Option<u64>>,
+    // Boxed: the warm path never needs it.
+    cold: Option<Box<Cold>>,
+    // Held while this call is the one probing a cold model.
+    probe: Option<Probe>,
+    // Bytes this call holds in the layer's replay pool.
+    pooled: usize,
+    // Why the body was not buffered, if it was not.
+    unbuffered: Option<Unbuffered>,
+    _body: PhantomData<fn() -> ReqBody>,
+}
+
+impl<S, ReqBody> Drop for Call<S, ReqBody> {
+    fn drop(&mut self) {
+        if self.pooled > 0 {
+            self.config.pool.give_back(self.pooled);
+        }
+    }
+}
+
+/// A wait: a pause before this call's next request, or a wait behind
+/// another caller's probe. Either ends early when the model's state changes.
+pub(crate) struct Wait {
+    timer: Pin<Box<Sleep>>,
+    started: Instant,
+    // The model's gate, and a wake-up for its next change.
+    gate: Option<(Arc<Gate>, Pin<Box<OwnedNotified>>)>,
+    kind: WaitKind,
+}
+
+enum WaitKind {
+    /// This call sends the model's next request. `gives_up`: the pause
+    /// runs to the end of the budget, which ends the call unless the model
+    /// is released first.
+    Pause { gives_up: bool },
+    /// Behind another caller's probe until the budget ends, counted among
+    /// the probe's company; `heard`: the model's loading answers this
+    /// caller was told of.
+    Behind { company: Company, heard: u64 },
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// Its timer.
+    Timer,
+    /// A change of the model's state: a probe given back or a new loading
+    /// answer (behind a probe), or the model's release.
+    Gate,
+}
+
+impl Wait {
+    fn new(duration: Duration, gate: Option<Arc<Gate>>, kind: WaitKind) -> Box<Self> {
+        Self::until(Instant::now() + duration, gate, kind)
+    }
+
+    fn until(deadline: Instant, gate: Option<Arc<Gate>>, kind: WaitKind) -> Box<Self> {
+        Box::new(Wait {
+            timer: Box::pin(sleep_until(deadline)),
+            started: Instant::now(),
+            gate: gate.map(|gate| {
+                let wake = gate.wake_up();
+                (gate, wake)
+            }),
+            kind,
+        })
+    }
+
+    /// Waits for the timer or a change of the model. A pause is woken only
+    /// when its gate is gone (the model released); a wait behind a probe by
+    /// any change.
+    pub(crate) fn poll_wake(
+        &mut self,
+        cx: &mut Context<'_>,
+        registry: &Registry,
+        key: Option<u64>,
+    ) -> Poll<Woken> {
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Woken::Timer);
+        }
+        let Some((gate, wake)) = &mut self.gate else {
+            return Poll::Pending;
+        };
+        loop {
+            ready!(wake.as_mut().poll(cx));
+            if let WaitKind::Behind { .. } = self.kind {
+                return Poll::Ready(Woken::Gate);
+            }
+            // Listen again before looking, so that no change is missed.
+            *wake = gate.wake_up();
+            match key.and_then(|key| registry.gate(key)) {
+                // Woken for something else (another caller's answer).
+                Some(current) if Arc::ptr_eq(&current, gate) => {}
+                _ => return Poll::Ready(Woken::Gate),
+            }
+        }
+    }
+
+    /// What the wait is for, in a few words.
+    pub(crate) fn what(&self) -> &'static str {
+        match self.kind {
+            WaitKind::Pause { .. } => "sleeping before a retry",
+            WaitKind::Behind { .. } => "waiting for another caller's probe",
+        }
+    }
+}
+
+impl<S, ReqBody> Call<S, ReqBody> {
+    pub(crate) fn new(service: S, config: Arc<Config>, parts: request::Parts) -> Self {
+        Call {
+            service,
+            config,
+            request: Kept::Unsent(parts),
+            body: Buffered::default(),
+            attempts: 0,
+            key: None,
+            cold: None,
+            probe: None,
+            pooled: 0,
+            unbuffered: None,
+            _body: PhantomData,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn key(&self) -> Option<u64> {
+        self.key.flatten()
+    }
+
+    pub(crate) fn report(&self) -> ColdStartReport {
+        let waited = self.cold.as_ref().map_or(Duration::ZERO, |c| c.waited);
+        ColdStartReport::new(self.attempts, waited, self.unbuffered)
+    }
+
+    /// This call's share of the layer's replay pool.
+    pub(crate) fn allowance(&mut self) -> Allowance<'_> {
+        Allowance {
+            pool: &self.config.pool,
+            cap: self.config.total_body_limit,
+            held: &mut self.pooled,
+        }
+    }
+
+    /// Polls the service ready for the next attempt.
+    pub(crate) fn poll_ready<R>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<R>,
+        S::Error: Into<BoxError>,
+    {
+        self.service.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(|| {
+            Box::new(Cold {
+                since: Instant::now(),
+                waited: Duration::ZERO,
+                last: None,
+            })
+        })
+    }
+
+    /// The time left in this call's budget (all of it before a cold start).
+    fn remaining(&self) -> Duration {
+        let max = self.config.max_total_wait;
+        self.cold
+            .as_ref()
+            .map_or(max, |cold| max.saturating_sub(cold.since.elapsed()))
+    }
+
+    fn registry_key(&mut self) -> Option<u64> {
+        if let Some(key) = self.key {
+            return key;
+        }
+        let registry = &self.config.registry;
+        let key = match (&self.config.model_key, &self.request) {
+            (Some(model_key), Kept::Unsent(parts)) => {
+                model_key(registry, &parts.uri, &parts.headers, self.body.bytes())
+            }
+            (Some(model_key), Kept::Copy(head)) => {
+                let parts = head.rebuild()?;
+                model_key(registry, &parts.uri, &parts.headers, self.body.bytes())
+            }
+            (None, Kept::Unsent(parts)) => Some(registry.key(&parts.uri)),
+            (None, Kept::Copy(head)) => head
+                .uri_parts()
+                .map(|(scheme, authority, path)| registry.key_of(scheme, authority, path)),
+            // Sent, and no copy kept: no retry follows, nothing to key.
+            (_, Kept::Spent) => return None,
+        };
+        self.key = Some(key);
+        key
+    }
+
+    fn uri(&self) -> Option<Uri> {
+        match &self.request {
+            Kept::Unsent(parts) => Some(parts.uri.clone()),
+            Kept::Copy(head) => Some(head.uri()),
+            Kept::Spent => None,
+        }
+    }
+
+    /// Before an attempt: if the model is known cold, take the probe or wait
+    /// for whoever holds it (`None`: send now). One relaxed load while no
+    /// model is cold.
+    pub(crate) fn admit(&mut self) -> Option<Box<Wait>> {
+        if self.probe.is_some() || !self.config.registry.any_cold() {
+            return None;
+        }
+        let key = self.registry_key()?;
+        let gate = self.config.registry.gate(key)?;
+        self.enter(key, gate, 0)
+    }
+
+    /// Takes the probe of `gate`, or waits behind whoever holds it (`None`:
+    /// send now). The wake-up is registered before the probe is tried and
+    /// the gate looked up again, so that a probe given back, or the model
+    /// turning warm, in between is not missed. A caller that waits is told
+    /// of each loading answer it has not heard yet (`heard` so far).
+    fn enter(&mut self, key: u64, mut gate: Arc<Gate>, heard: u64) -> Option<Box<Wait>> {
+        let company = loop {
+            let company = match gate.probe_or_join() {
+                Err(company) => company,
+                Ok(probe) => return self.take_over(gate, probe),
+            };
+            // Counted as company before looking again: the gate cannot be
+            // forgotten as idle while this caller decides to wait on it.
+            match self.config.registry.gate(key) {
+                Some(current) if Arc::ptr_eq(&current, &gate) => break company,
+                Some(current) => gate = current,
+                None => return None,
+            }
+        };
+        let since = self.cold().since;
+        // A waiter keeps no loading answer of its own.
+        self.cold().last = None;
+        let deadline = since
+            .checked_add(self.config.max_total_wait)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        let mut wait = Wait::until(deadline, Some(gate), WaitKind::Behind { company, heard });
+        self.tell_waiting(
+            &mut wait,
+            deadline.saturating_duration_since(Instant::now()),
+        );
+        Some(wait)
+    }
+
+    /// Holds the probe of `gate`, keeping to the strategy's pace across
+    /// probers: a probe given back (its caller gave up) is not an answer
+    /// from the model. A budget that ends first ends without a request.
+    fn take_over(&mut self, gate: Arc<Gate>, probe: Probe) -> Option<Box<Wait>> {
+        self.probe = Some(probe);
+        let resume = gate.asked() + wake::pace(self.config.wait_strategy);
+        let now = Instant::now();
+        if resume <= now {
+            return None;
+        }
+        let cold = self.cold();
+        if cold.last.is_none() {
+            cold.last = Some(gate.last());
+        }
+        let remaining = self.remaining();
+        let pause = resume - now;
+        let gives_up = pause > remaining;
+        Some(Wait::new(
+            pause.min(remaining),
+            Some(gate),
+            WaitKind::Pause { gives_up },
+        ))
+    }
+
+    /// Tells the caller of a loading answer, by another call's probe, that
+    /// it has not heard of yet: same facts as a prober's wait.
+    fn tell_waiting(&self, wait: &mut Wait, left: Duration) {
+        let (Some((gate, _)), WaitKind::Behind { heard, .. }) = (&wait.gate, &mut wait.kind) else {
+            return;
+        };
+        let (answers, last) = gate.heard();
+        if answers == *heard {
+            return;
+        }
+        *heard = answers;
+        let Some(uri) = self.uri() else { return };
+        let elapsed = self
+            .cold
+            .as_ref()
+            .map_or(Duration::ZERO, |cold| cold.since.elapsed());
+        announce(
+            &self.config,
+            &RetryEvent {
+                uri: &uri,
+                model: last.model.as_deref(),
+                attempt: self.attempts,
+                wait: left,
+                estimate: last.estimate,
+                elapsed,
+                behind_probe: true,
+            },
+        );
+    }
+
+    /// Records the model's answer in the shared registry: loading (a gate,
+    /// with this response as the latest), or anything else (the gate goes,
+    /// every waiter is released).
+    ///
+    /// A call whose loading answer creates the gate probes it. A probe of an
+    /// older gate (one released by a warm answer in the meantime) is given
+    /// up: it no longer stands for the model.
+    fn record(&mut self, loading: Option<&Arc<Snapshot>>) -> Option<Arc<Gate>> {
+        match loading {
+            Some(snapshot) => {
+                let key = self.registry_key()?;
+                let (gate, created) = self.config.registry.mark_cold(key, Arc::clone(snapshot));
+                if created.is_some() {
+                    self.probe = created;
+                } else if self
+                    .probe
+                    .as_ref()
+                    .is_some_and(|probe| !Arc::ptr_eq(probe.gate(), &gate))
+                {
+                    self.probe = None;
+                }
+                Some(gate)
+            }
+            None => {
+                if self.config.registry.any_cold() {
+                    if let Some(key) = self.registry_key() {
+                        self.config.registry.mark_warm(key);
+                    }
+                }
+                self.probe = None;
+                None
+            }
+        }
+    }
+
+    /// The latest loading response, exactly as it came.
+    fn give_up<B: Body>(&mut self) -> Step<S::Future, B>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        self.probe = None;
+        let last = self.cold.as_mut().and_then(|cold| cold.last.take());
+        let Some(snapshot) = last else {
+            // Nothing to give back: no loading answer was kept. The budget
+            // and the bookkeeping above make this unreachable.
+            return Step::Done(Err("cold start: no loading response was kept".into()));
+        };
+        let Snapshot {
+            head,
+            body,
+            trailers,
+            ..
+        } = Arc::try_unwrap(snapshot).unwrap_or_else(|shared| (*shared).clone());
+        let response = Response::from_parts(
+            head,
+            ResponseBody::peeked(body, trailers.map(End::Trailers), None),
+        );
+        Step::Done(Ok(finish(response, self.report())))
+    }
+
+    /// Builds the next attempt: the first (from the caller's own head) or a
+    /// retry (from the kept copy), and sends it through the service, which
+    /// must be ready. A retry or a probe asks the server to hold it, unless
+    /// `hold_retries(false)`. `None` when no attempt can follow.
+    fn send<B: Body>(&mut self) -> Option<Step<S::Future, B>>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        // A probe of a model released since (its pause ending as the
+        // release came, say) is not sent under: someone else may probe anew.
+        if self.probe.as_ref().is_some_and(|probe| !probe.is_current()) {
+            self.probe = None;
+        }
+        let retry = !matches!(self.request, Kept::Unsent(_));
+        let hold = match &self.cold {
+            Some(cold) if self.config.hold_retries && (retry || self.probe.is_some()) => {
+                cold.last.as_ref().map_or(Hold::None, |last| last.hold)
+            }
+            _ => Hold::None,
+        };
+        let last_possible = self.attempts + 1 >= self.config.max_attempts;
+        let parts = match std::mem::replace(&mut self.request, Kept::Spent) {
+            Kept::Unsent(parts) => {
+                if !last_possible {
+                    self.request = Kept::Copy(Head::copy(&parts));
+                }
+                parts
+            }
+            Kept::Copy(head) => {
+                let parts = head.rebuild()?;
+                if !last_possible {
+                    self.request = Kept::Copy(head);
+                }
+                parts
+            }
+            Kept::Spent => return None,
+        };
+        let mut req = Request::from_parts(parts, RequestBody::replay(&self.body));
+        hold.apply(req.headers_mut(), self.remaining());
+        let held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
+        let attempt = Attempt {
+            held,
+            sent: (retry || held).then(Instant::now),
+        };
+        self.attempts += 1;
+        if let Some(probe) = &self.probe {
+            #[cfg(test)]
+            if !probe.is_current() {
+                let live = &self.config.registry.live;
+                live.stale_sends
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            probe.gate().asked_now();
+        }
+        Some(Step::Call(self.service.call(req), attempt))
+    }
+
+    /// Sends the first attempt, or waits for the model's probe.
+    pub(crate) fn first<B: Body>(&mut self) -> Step<S::Future, B>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        match self.admit() {
+            Some(wait) => Step::Wait(wait),
+            // The service taken in `call` is still ready.
+            None => self
+                .send()
+                .unwrap_or_else(|| Step::Done(Err("request head lost".into()))),
+        }
+    }
+
+    /// Sends a body that is not buffered once, as it is: no retry follows.
+    pub(crate) fn send_once<B: Body>(
+        &mut self,
+        body: RequestBody<ReqBody>,
+        reason: Unbuffered,
+    ) -> Step<S::Future, B>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        let Kept::Unsent(parts) = std::mem::replace(&mut self.request, Kept::Spent) else {
+            return Step::Done(Err("request head lost".into()));
+        };
+        self.attempts = 1;
+        self.unbuffered = Some(reason);
+        let attempt = Attempt {
+            held: false,
+            sent: None,
+        };
+        Step::Call(self.service.call(Request::from_parts(parts, body)), attempt)
+    }
+}
+
+impl<S, ReqBody, ResBody> Call<S, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+{
+    /// The request body was read: send it, or send it once unbuffered.
+    pub(crate) fn buffered(
+        &mut self,
+        read: Result<Buffering<ReqBody>, BoxError>,
+    ) -> Step<S::Future, ResBody> {
+        match read {
+            Err(error) => Step::Done(Err(error)),
+            Ok(Buffering::Done(buffered)) => {
+                self.body = buffered;
+                self.first()
+            }
+            Ok(Buffering::Overflow(body, reason)) => self.send_once(body, reason),
+        }
+    }
+
+    /// The service answered: hand the answer on, or read it if it may be a
+    /// cold start this call can retry.
+    pub(crate) fn answered(
+        &mut self,
+        answer: Result<Response<ResBody>, S::Error>,
+        attempt: Attempt,
+    ) -> Step<S::Future, ResBody> {
+        let response = match answer {
+            Ok(response) => response,
+            Err(error) => {
+                // Not an answer from the model: someone else may probe.
+                self.probe = None;
+                return Step::Done(Err(error.into()));
+            }
+        };
+        let status = response.status();
+        let maybe_cold = self
+            .config
+            .classifier
+            .may_be_cold_start(status, attempt.held);
+        let readable = maybe_cold
+            && matches!(self.request, Kept::Copy(_))
+            && response.body().size_hint().lower() <= PEEK_LIMIT as u64;
+        if readable {
+            let (head, body) = response.into_parts();
+            return Step::Peek(Box::new(Peek::new(head, body)), attempt);
+        }
+        if maybe_cold {
+            // Maybe loading, unread (the last attempt, or a large body):
+            // not proof that the model is warm.
+            self.probe = None;
+            if let Some(reason) = self.unbuffered {
+                warn_unbuffered(status, reason);
+            }
+        } else {
+            self.record(None);
+        }
+        let response = response.map(ResponseBody::passthrough);
+        Step::Done(Ok(finish(response, self.report())))
+    }
+
+    /// The start of a response was read (`end`: how its body ended, or
+    /// `None` when it was too large or too slow to be a loading body).
+    pub(crate) fn peeked(
+        &mut self,
+        peek: Peek<ResBody>,
+        end: Option<End<ResBody::Error>>,
+        attempt: Attempt,
+    ) -> Step<S::Future, ResBody> {
+        let cold = match &end {
+            Some(End::Trailers(_) | End::Eof) => self.config.classifier.0.classify(&ResponseView {
+                status: peek.head.status,
+                headers: &peek.head.headers,
+                body: &peek.bytes(),
+                held: attempt.held,
+                attempt: self.attempts,
+            }),
+            Some(End::Error(_)) | None => None,
+        };
+        let Some(cold) = cold else {
+            // Not a cold start: hand it on, the bytes read first.
+            self.record(None);
+            let Peek {
+                head, body, read, ..
+            } = peek;
+            let rest = end.is_none().then_some(body);
+            let response = Response::from_parts(head, ResponseBody::peeked(read, end, rest));
+            return Step::Done(Ok(finish(response, self.report())));
+        };
+        let snapshot = Arc::new(snapshot(peek, end, &cold));
+        let gate = self.record(Some(&snapshot));
+        self.cold().last = Some(snapshot);
+        if self.attempts >= self.config.max_attempts {
+            return self.give_up();
+        }
+        // Another caller probes this model: wait for it rather than retry
+        // on our own.
+        if let (None, Some(gate), Some(key)) = (&self.probe, gate, self.key()) {
+            if let Some(wait) = self.enter(key, gate, 0) {
+                if let WaitKind::Behind { .. } = wait.kind {
+                    return Step::Wait(wait);
+                }
+            }
+        }
+        match self.plan_wait(&cold, attempt) {
+            None => self.give_up(),
+            Some(wait) if wait.is_zero() => Step::Ready,
+            Some(wait) => {
+                let gate = self.probe.as_ref().map(|probe| Arc::clone(probe.gate()));
+                Step::Wait(Wait::new(wait, gate, WaitKind::Pause { gives_up: false }))
+            }
+        }
+    }
+
+    /// A wait ended.
+    pub(crate) fn woken(&mut self, wait: &Wait, woken: Woken) -> Step<S::Future, ResBody> {
+        let heard = match &wait.kind {
+            WaitKind::Pause { gives_up } => {
+                self.cold().waited += wait.started.elapsed();
+                if *gives_up && woken == Woken::Timer {
+                    return self.give_up();
+                }
+                return Step::Ready;
+            }
+            WaitKind::Behind { company, heard } => {
+                // Whatever comes next may end in giving up.
+                self.cold().last = Some(company.gate().last());
+                *heard
+            }
+        };
+        if woken == Woken::Timer {
+            self.cold().waited += wait.started.elapsed();
+            return self.give_up();
+        }
+        // The probe was given back, or the model answered: look again (the
+        // gate may be gone, or a new one may exist).
+        let gate = self
+            .key()
+            .and_then(|key| Some((key, self.config.registry.gate(key)?)));
+        let next = gate.and_then(|(key, gate)| self.enter(key, gate, heard));
+        match next {
+            Some(mut next) if matches!(next.kind, WaitKind::Behind { .. }) => {
+                // Keep counting from when this wait began.
+                next.started = wait.started;
+                Step::Wait(next)
+            }
+            next => {
+                self.cold().waited += wait.started.elapsed();
+                next.map_or(Step::Ready, Step::Wait)
+            }
+        }
+    }
+
+    /// The service is ready (or failed) for the next attempt; `delayed`: it
+    /// made the call wait, so the budget must be checked again.
+    pub(crate) fn ready(
+        &mut self,
+        ready: Result<(), BoxError>,
+        delayed: bool,
+    ) -> Step<S::Future, ResBody> {
+        if let Err(error) = ready {
+            self.probe = None;
+            return Step::Done(Err(error));
+        }
+        // Every wait was sized to end within the budget; only a service
+        // that kept us waiting can have pushed us past it.
+        let past_budget = self
+            .cold
+            .as_ref()
+            .is_some_and(|cold| cold.since.elapsed() > self.config.max_total_wait);
+        if delayed && past_budget {
+            return self.give_up();
+        }
+        match self.send() {
+            Some(step) => step,
+            None => self.give_up(),
+        }
+    }
+
+    /// Decides the wait after a loading response, or `None` when the budget
+    /// (attempts or time) is spent. Tells tracing and the hook.
+    fn plan_wait(&mut self, cold: &ColdStart, attempt: Attempt) -> Option<Duration> {
+        let uri = self.uri()?;
+        if self.attempts >= self.config.max_attempts {
+            return None;
+        }
+        let now = Instant::now();
+        let since = self.cold().since;
+        let config = &self.config;
+        let elapsed = now.saturating_duration_since(since);
+        let remaining = config.max_total_wait.saturating_sub(elapsed);
+        let answer = Answer {
+            hint: cold.hint(),
+            attempt: self.attempts,
+            took: attempt
+                .sent
+                .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent)),
+            held: attempt.held,
+            company: self
+                .probe
+                .as_ref()
+                .is_some_and(|probe| probe.gate().has_company()),
+        };
+        let jitter = config.jitter.then(wake::random_unit);
+        let wait = wake::next_wait(
+            config.wait_strategy,
+            &answer,
+            config.wait_bounds(),
+            jitter,
+            remaining,
+        )?;
+        let estimate = match cold.hint() {
+            Hint::Estimate(secs) => Some(secs),
+            _ => None,
+        };
+        announce(
+            config,
+            &RetryEvent {
+                uri: &uri,
+                model: cold.model(),
+                attempt: self.attempts,
+                wait,
+                estimate,
+                elapsed,
+                behind_probe: false,
+            },
+        );
+        Some(wait)
+    }
+}
+
+/// A loading response, read to its end, as the model's latest.
+fn snapshot<B: Body>(peek: Peek<B>, end: Option<End<B::Error>>, cold: &ColdStart) -> Snapshot {
+    Snapshot {
+        head: peek.head,
+        body: peek.read,
+        trailers: match end {
+            Some(End::Trailers(trailers)) => Some(trailers),
+            _ => None,
+        },
+        hold: cold.hold(),
+        model: cold.model().map(str::to_owned),
+        estimate: match cold.hint() {
+            Hint::Estimate(secs) => Some(secs),
+            _ => None,
+        },
+    }
+}
+
+/// Tells tracing and the hook of a wait.
+fn announce(config: &Config, event: &RetryEvent<'_>) {
+    let uri = event.uri;
+    let message = if event.behind_probe {
+        "model is loading; waiting for another request's probe of it"
+    } else {
+        "model is loading; waiting before retrying"
+    };
+    tracing::info!(
+        authority = uri.authority().map(|a| a.as_str()),
+        path = uri.path(),
+        model = event.model,
+        attempt = event.attempt,
+        wait_ms = event.wait.as_millis() as u64,
+        estimate = event.estimate,
+        behind_probe = event.behind_probe,
+        "{message}"
+    );
+    if let Some(hook) = &config.on_retry {
+        hook(event);
+    }
+}
+
+/// A call that could not be retried met what may be a cold start.
+fn warn_unbuffered(status: StatusCode, reason: Unbuffered) {
+    tracing::warn!(
+        status = status.as_u16(),
+        reason = reason.as_str(),
+        "response may be a cold start, but the request body was not buffered; not retried"
+    );
+}
+
+fn finish<B>(mut response: Response<B>, report: ColdStartReport) -> Response<B> {
+    response.extensions_mut().insert(report);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    //! The decisions alone: no I/O, tokio's paused clock, responses handed
+    //! in by hand.
+
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::{ColdStartRetryLayer, WaitStrategy};
+
+    type Backend = tower::util::ServiceFn<
+        fn(
+            Request<RequestBody<Full<Bytes>>>,
+        ) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    >;
+    type TestCall = Call<Backend, Full<Bytes>>;
+    type TestStep =
+        Step<std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>, Full<Bytes>>;
+
+    fn ok(
+        _: Request<RequestBody<Full<Bytes>>>,
+    ) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
+        std::future::ready(Ok(Response::new(Full::default())))
+    }
+
+    const LOADING: &[u8] = br#"{"error":"Model m is currently loading","estimated_time":20.0}"#;
+
+    fn loading() -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from_static(LOADING)));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    }
+
+    /// A call whose first attempt has gone out.
+    fn sent(layer: ColdStartRetryLayer) -> (TestCall, Attempt) {
+        let (parts, ()) = Request::post("http://m.test/models/m")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut call = Call::new(
+            tower::service_fn(ok as fn(_) -> _),
+            Arc::clone(&layer.config),
+            parts,
+        );
+        match call.first::<Full<Bytes>>() {
+            Step::Call(_, attempt) => (call, attempt),
+            _ => panic!("a warm model's first request goes out"),
+        }
+    }
+
+    /// Reads a peeked body to its end, as the Peeking state would.
+    fn read_to_end(step: TestStep) -> (Peek<Full<Bytes>>, Option<End<Infallible>>, Attempt) {
+        let Step::Peek(mut peek, attempt) = step else {
+            panic!("a possible cold start is read")
+        };
+        let waker = std::task::Waker::noop();
+        let Poll::Ready(end) = peek.poll_read(&mut Context::from_waker(waker)) else {
+            panic!("a full body is read at once")
+        };
+        (*peek, end, attempt)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_is_answered_as_it_came_with_one_attempt() {
+        let (mut call, attempt) = sent(ColdStartRetryLayer::new());
+        let Step::Done(Ok(response)) = call.answered(Ok(Response::new(Full::default())), attempt)
+        else {
+            panic!("answered")
+        };
+        let report = response.extensions().get::<ColdStartReport>().unwrap();
+        assert_eq!((report.attempts(), report.waited()), (1, Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loading_answer_is_read_then_waited_out_with_the_probe() {
+        let layer = ColdStartRetryLayer::new().jitter(false);
+        let (mut call, attempt) = sent(layer.clone());
+        let (peek, end, attempt) = read_to_end(call.answered(Ok(loading()), attempt));
+        let Step::Wait(wait) = call.peeked(peek, end, attempt) else {
+            panic!("a loading answer is waited out")
+        };
+        assert!(matches!(wait.kind, WaitKind::Pause { gives_up: false }));
+        assert!(call.probe.is_some(), "its answer created the model's state");
+        assert_eq!(layer.cold_models(), 1);
+        // The default strategy retries 1 s after the first request.
+        assert_eq!(
+            wait.timer.deadline() - Instant::now(),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_allowed_attempt_gives_back_the_loading_answer_byte_for_byte() {
+        let layer = ColdStartRetryLayer::new().max_attempts(1);
+        let (mut call, attempt) = sent(layer.clone());
+        // With one attempt allowed, nothing is read: the 503 goes back as is.
+        let Step::Done(Ok(response)) = call.answered(Ok(loading()), attempt) else {
+            panic!("not read, answered")
+        };
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(layer.cold_models(), 0, "an unread 503 proves nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_that_runs_to_the_budget_gives_up_with_the_latest_loading_answer() {
+        let layer = ColdStartRetryLayer::new().wait_strategy(WaitStrategy::SleepEstimate);
+        let (mut call, attempt) = sent(layer);
+        let (peek, end, attempt) = read_to_end(call.answered(Ok(loading()), attempt));
+        let Step::Wait(_) = call.peeked(peek, end, attempt) else {
+            panic!("waits")
+        };
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let pause = Wait::new(Duration::ZERO, None, WaitKind::Pause { gives_up: true });
+        let Step::Done(Ok(response)) = call.woken(&pause, Woken::Timer) else {
+            panic!("gave up")
+        };
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let report = *response.extensions().get::<ColdStartReport>().unwrap();
+        assert_eq!(report.attempts(), 1);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], LOADING);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_that_was_slow_to_be_ready_past_the_budget_sends_nothing_more() {
+        let layer = ColdStartRetryLayer::new().max_total_wait(Duration::from_secs(5));
+        let (mut call, attempt) = sent(layer);
+        let (peek, end, attempt) = read_to_end(call.answered(Ok(loading()), attempt));
+        let _ = call.peeked(peek, end, attempt);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(matches!(call.ready(Ok(()), true), Step::Done(Ok(_))));
+        assert_eq!(call.attempts, 1);
+        // Not delayed: the wait was sized to the budget, so it sends.
+        assert!(matches!(call.ready(Ok(()), false), Step::Call(..)));
+    }
+}
