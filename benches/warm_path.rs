@@ -12,6 +12,12 @@
 //! ```text
 //! cargo bench --bench warm_path
 //! ```
+//!
+//! With `-- --count <service> <requests>` it instead sends that many
+//! requests through one service (`bare`, `identity`, `tower_retry`,
+//! `follow_redirect` or `layered`) on a current-thread runtime and exits:
+//! `scripts/warm_path_instructions.sh` runs that under callgrind and prints
+//! the instructions per request that `BENCHMARKS.md` quotes.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -299,7 +305,107 @@ fn summary() {
     }
 }
 
+/// A `tower::retry` policy as its users write one for cold starts: clone
+/// the request up front, retry a `503` once a second, ten times at most.
+#[derive(Clone)]
+struct RetryUnavailable(u32);
+
+impl<B, E> tower::retry::Policy<Request<Full<Bytes>>, Response<B>, E> for RetryUnavailable {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _req: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<B>, E>,
+    ) -> Option<Self::Future> {
+        let unavailable =
+            matches!(result, Ok(r) if r.status() == http::StatusCode::SERVICE_UNAVAILABLE);
+        (unavailable && self.0 < 10).then(|| {
+            self.0 += 1;
+            tokio::time::sleep(Duration::from_secs(1))
+        })
+    }
+
+    fn clone_request(&mut self, req: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        let mut clone = Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        Some(clone)
+    }
+}
+
+/// Sends `n` requests through `client`, `CALLERS` at a time.
+async fn send_all<S, B>(client: S, url: &'static str, body: &'static Bytes, n: usize) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    let mut total = 0;
+    for _ in 0..n / CALLERS {
+        total += burst(&client, url, body).await;
+    }
+    total
+}
+
+/// `--count <service> <requests>`: one service, then exit (for callgrind).
+fn count(service: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let read = rt.block_on(async {
+        let addr = start_server().await;
+        let url: &'static str =
+            Box::leak(format!("http://{addr}/models/distilbert").into_boxed_str());
+        let body: &'static Bytes = Box::leak(Box::new(input()));
+        let client = || Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        match service {
+            "bare" => send_all(client(), url, body, n).await,
+            "identity" => {
+                let identity = ServiceBuilder::new()
+                    .map_response(|r: Response<hyper::body::Incoming>| r)
+                    .service(client());
+                send_all(identity, url, body, n).await
+            }
+            "tower_retry" => {
+                let retry = ServiceBuilder::new()
+                    .retry(RetryUnavailable(0))
+                    .service(client());
+                send_all(retry, url, body, n).await
+            }
+            "follow_redirect" => {
+                let follow = ServiceBuilder::new()
+                    .layer(tower_http::follow_redirect::FollowRedirectLayer::new())
+                    .service(client());
+                send_all(follow, url, body, n).await
+            }
+            "layered" => {
+                let layered = ServiceBuilder::new()
+                    .layer(ColdStartRetryLayer::new())
+                    .service(Client::builder(TokioExecutor::new()).build_http());
+                send_all(layered, url, body, n).await
+            }
+            other => panic!("no service {other:?}"),
+        }
+    });
+    black_box(read);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--count") {
+        let service = args.get(at + 1).expect("--count <service> <requests>");
+        let n = args
+            .get(at + 2)
+            .and_then(|n| n.parse().ok())
+            .expect("--count <service> <requests>");
+        return count(service, n);
+    }
     let mut c = Criterion::default()
         .configure_from_args()
         .warm_up_time(Duration::from_secs(1))

@@ -39,7 +39,9 @@ pin_project! {
         Peeked {
             prefix: std::vec::IntoIter<Bytes>,
             // What ended the read, if the body ended while it was read.
-            end: Option<End<B::Error>>,
+            // Boxed (trailers are a whole header map): the warm path's
+            // passthrough body, and every move of a response, stay small.
+            end: Option<Box<End<B::Error>>>,
             // The rest of the body, if it did not.
             rest: Option<Pin<Box<B>>>,
         },
@@ -70,7 +72,7 @@ impl<B: Body> ResponseBody<B> {
         ResponseBody {
             kind: Kind::Peeked {
                 prefix: prefix.into_iter(),
-                end: end.filter(|e| !matches!(e, End::Eof)),
+                end: end.filter(|e| !matches!(e, End::Eof)).map(Box::new),
                 rest,
             },
         }
@@ -114,7 +116,7 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 if let Some(end) = end.take() {
-                    return Poll::Ready(match end {
+                    return Poll::Ready(match *end {
                         End::Trailers(t) => Some(Ok(Frame::trailers(t))),
                         End::Error(e) => Some(Err(e)),
                         End::Eof => None,
