@@ -12,8 +12,8 @@
 //! round trip adds. (Not TCP: with paused time, tokio may advance the clock
 //! while bytes wait in a socket, which would distort every lag.)
 //!
-//! Scenarios: the seven (estimated_time, actual) pairs recorded in
-//! `shared/HF_WIRE.md`, each at five sub-second phases (the recordings are
+//! Scenarios: the seven (estimated_time, actual) pairs recorded against the
+//! HuggingFace API, each at five sub-second phases (the recordings are
 //! rounded to the second); a server that holds `x-wait-for-model` requests
 //! and one that does not; 1, 100 and 1000 concurrent callers of one cold
 //! model, arriving over its first second ("spread") or all at once
@@ -167,8 +167,8 @@ impl Strategy {
     fn name(self) -> &'static str {
         match self {
             Strategy::Adaptive => "tower-cold-start, Adaptive (default)",
-            Strategy::Advised => "tower-cold-start, Advised (1st release)",
-            Strategy::Poll1s => "tower-cold-start, Poll(1 s)",
+            Strategy::Advised => "tower-cold-start, SleepEstimate (1st release)",
+            Strategy::Poll1s => "tower-cold-start, FixedInterval(1 s)",
             Strategy::Article => "article loop (sleep estimate, 3 tries)",
             Strategy::Hub => "huggingface_hub 0.2x (1 s poll + hold)",
             Strategy::TowerRetry => "tower::retry (exp. backoff, 10 retries)",

@@ -182,20 +182,27 @@ fn loopback(c: &mut Criterion) {
     // the drift of a shared 2-core machine hits all alike. Criterion times
     // the rounds; the split between the clients is summed in `INTERLEAVED`.
     let naive = Naive(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
-    rt.block_on(burst(&naive, url, body));
+    let retry = ServiceBuilder::new()
+        .retry(RetryUnavailable(0))
+        .service(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    rt.block_on(async {
+        burst(&naive, url, body).await;
+        burst(&retry, url, body).await;
+    });
     group.bench_function("interleaved", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let mut round = Duration::ZERO;
                 for i in 0..iters {
-                    let mut times = [Duration::ZERO; 3];
-                    for k in 0..3 {
-                        let which = (i as usize + k) % 3;
+                    let mut times = [Duration::ZERO; 4];
+                    for k in 0..4 {
+                        let which = (i as usize + k) % 4;
                         let t = Instant::now();
                         match which {
                             0 => burst(&bare, url, body).await,
                             1 => burst(&layered, url, body).await,
-                            _ => burst(&naive, url, body).await,
+                            2 => burst(&naive, url, body).await,
+                            _ => burst(&retry, url, body).await,
                         };
                         times[which] = t.elapsed();
                     }
@@ -212,8 +219,9 @@ fn loopback(c: &mut Criterion) {
     group.finish();
 }
 
-/// Time spent in bare, layered and naive bursts by `loopback/interleaved`.
-static INTERLEAVED: Mutex<[Duration; 3]> = Mutex::new([Duration::ZERO; 3]);
+/// Time spent in bare, layered, naive and tower::retry bursts by
+/// `loopback/interleaved`.
+static INTERLEAVED: Mutex<[Duration; 4]> = Mutex::new([Duration::ZERO; 4]);
 
 /// A naive retry layer, as a reference point: a boxed future, a copy of the
 /// body, the whole request rebuilt by cloning for each attempt.
@@ -294,12 +302,13 @@ fn summary() {
             100.0 * b / l
         );
     }
-    let [bare, layered, naive] = *INTERLEAVED.lock().unwrap();
+    let [bare, layered, naive, retry] = *INTERLEAVED.lock().unwrap();
     if !layered.is_zero() {
         let ratio = |d: Duration| 100.0 * bare.as_secs_f64() / d.as_secs_f64();
         println!(
-            "  loopback, {CALLERS} callers, 2 KiB JSON, interleaved burst by burst: layered {:.1}%, naive retry layer {:.1}% of the bare client's throughput",
+            "  loopback, {CALLERS} callers, 2 KiB JSON, interleaved burst by burst: layered {:.1}%, tower::retry {:.1}%, naive retry layer {:.1}% of the bare client's throughput",
             ratio(layered),
+            ratio(retry),
             ratio(naive)
         );
     }

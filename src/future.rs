@@ -1,7 +1,7 @@
 //! The response future: one state machine per call.
 //!
 //! Each state polls one thing and hands the result to one decision of the
-//! call's bookkeeping ([`crate::call`]), which returns the next [`Step`].
+//! call's bookkeeping, which says what to do next.
 
 use std::future::Future;
 use std::pin::Pin;

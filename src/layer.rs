@@ -147,9 +147,10 @@ impl ColdStartRetryLayer {
         self.config.registry.cold_models()
     }
 
-    /// The most time spent on one cold start, counted from the first loading
-    /// response. No attempt starts later, and no sleep runs past it; when it
-    /// runs out the caller gets the last loading response.
+    /// Sets the most time one call spends on a cold start, from its first loading answer.
+    ///
+    /// Note that no attempt starts and no wait runs past it: the caller then gets the
+    /// latest loading response as it came.
     ///
     /// Default: 120 s.
     pub fn max_total_wait(mut self, max_total_wait: Duration) -> Self {
@@ -157,8 +158,7 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// The longest single sleep computed from the server's hint, whatever
-    /// `estimated_time` or `Retry-After` says.
+    /// Sets the longest single wait taken from a server's hint (`estimated_time`, `Retry-After`).
     ///
     /// Default: 60 s.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
@@ -166,38 +166,31 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// The sleep when the server gives no usable `estimated_time` (missing,
-    /// `null`, a string, negative, NaN or infinite), under
-    /// [`WaitStrategy::SleepEstimate`] (the default strategy does not sleep estimates).
-    /// Capped by `max_wait`.
+    /// Sets the wait under [`WaitStrategy::SleepEstimate`] when the server gives no usable hint.
     ///
-    /// Default: 20 s, the figure HuggingFace's own clients assume.
+    /// Note that it is capped by `max_wait`, and unused by the other strategies.
+    ///
+    /// Default: 20 s, what HuggingFace's own clients assume.
     pub fn default_wait(mut self, default_wait: Duration) -> Self {
         self.config_mut().default_wait = default_wait;
         self
     }
 
-    /// The most requests sent for one call, the first included. `0` is
-    /// treated as `1`: the request is always sent once.
+    /// Sets the most requests sent for one call, the first included (`0` means `1`).
     ///
-    /// Default: no limit (`u32::MAX`). `max_total_wait` bounds a cold start,
-    /// and no [`WaitStrategy`] strategy sends a model more than one request per
-    /// second (or per 100 ms with [`WaitStrategy::FixedInterval`] at its floor), except
-    /// right after a request the server held for a second or more; so with
-    /// the defaults a call sends at most about 120 requests, and in practice
-    /// far fewer: two against HuggingFace, which holds the retry.
+    /// Note that the budget and the strategies' pace (one request per second) already bound a
+    /// call, to about 120 requests with the defaults.
+    ///
+    /// Default: no limit.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.config_mut().max_attempts = max_attempts.max(1);
         self
     }
 
-    /// The largest request body, in bytes, that is buffered for replay. A
-    /// larger body is streamed once, intact, and never retried (its report
-    /// says [`Unbuffered::BodyLimit`](crate::Unbuffered::BodyLimit)).
+    /// Sets the largest request body buffered for replay; a larger one is sent once, unbuffered.
     ///
-    /// Note that buffering delays the upload: the server receives nothing
-    /// of a request until its whole body (up to this limit) has arrived, and
-    /// each call in flight may hold this much.
+    /// Note that the server receives nothing of a request until its body (up to this limit)
+    /// has been read, and that each call in flight may hold this much.
     ///
     /// Default: 8 MiB.
     pub fn body_limit(mut self, body_limit: usize) -> Self {
@@ -205,24 +198,22 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// The most bytes that all calls in flight through this layer's services
-    /// hold for replay together. A call whose body would pass it is streamed
-    /// once, intact, and never retried (its report says
-    /// [`Unbuffered::TotalLimit`](crate::Unbuffered::TotalLimit)); a call
-    /// holds its bytes until its response future is dropped.
+    /// Sets the most bytes all calls in flight through this layer hold for replay together.
     ///
-    /// Default: 128 MiB: sixteen bodies at the default `body_limit`, or
-    /// some 60,000 JSON requests of 2 KiB, so that a proxy's memory stays
-    /// bounded however many uploads arrive at once.
+    /// Note that a call whose body would pass it is sent once, unbuffered, and says so in its
+    /// [`ColdStartReport::unbuffered`](crate::ColdStartReport::unbuffered).
+    ///
+    /// Default: 128 MiB (sixteen bodies at the default `body_limit`).
     pub fn total_body_limit(mut self, total_body_limit: usize) -> Self {
         self.config_mut().total_body_limit = total_body_limit;
         self
     }
 
-    /// Whether retries carry `x-wait-for-model: true`, asking the server to
-    /// hold the request until the model is loaded. The first attempt never
-    /// carries it (the header is left as the caller set it), as HuggingFace
-    /// advises, so only requests that met a cold start are held.
+    /// Sets whether retries ask the server to hold them until the model is ready.
+    ///
+    /// Note that this covers every hold header a classifier names (`x-wait-for-model`,
+    /// `X-Scale-Up-Timeout`, `Prefer: wait`); the first request is never held unless the caller
+    /// set the header itself.
     ///
     /// Default: `true`.
     pub fn hold_retries(mut self, hold_retries: bool) -> Self {
@@ -230,21 +221,17 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// Which responses are cold starts, what wait they hint, and how retries
-    /// ask the server to hold them: see [`classifier`](crate::classifier).
+    /// Sets which responses are cold starts, what wait they hint and how to ask for a hold.
     ///
-    /// Default: [`HuggingFace`](crate::classifier::HuggingFace).
+    /// Default: [`HuggingFace`](crate::classifier::HuggingFace); see [`classifier`](crate::classifier) for the others.
     pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
         self.config_mut().classifier = crate::classifier::Shared(Arc::new(classifier));
         self
     }
 
-    /// Whether every wait computed from the server's hint is shortened by a
-    /// random 0–20% (backoff waits by up to 50%), so that many clients do
-    /// not retry in step. The 1 s floor and the budget still apply. Poll
-    /// intervals ([`WaitStrategy::Adaptive`] against a server that does not hold,
-    /// [`WaitStrategy::FixedInterval`]) are not jittered: they start from each caller's own
-    /// first answer, so callers are not in step to begin with.
+    /// Sets whether each wait taken from a hint is shortened by a random 0–20% (backoff: 50%).
+    ///
+    /// Note that poll intervals are not jittered: they count from each caller's own first answer.
     ///
     /// Default: `true`.
     pub fn jitter(mut self, jitter: bool) -> Self {
@@ -252,8 +239,7 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// How a call waits between two requests to a loading model: see
-    /// [`WaitStrategy`].
+    /// Sets how a call paces its requests to a loading model.
     ///
     /// Default: [`WaitStrategy::Adaptive`].
     pub fn wait_strategy(mut self, wait_strategy: WaitStrategy) -> Self {
@@ -261,20 +247,13 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// Which requests share one model's cold-start state (one probe at a
-    /// time, the others waiting): those for which `key` returns equal
-    /// values. `key` sees the request's URI, headers and buffered body; a
-    /// request for which it returns `None` is not coalesced (it still waits
-    /// out a cold start, on its own).
+    /// Sets which requests share one model's cold-start state: those whose `key` is equal.
     ///
-    /// It runs only on the cold path: for a call that meets a loading
-    /// answer, or that is made while some model of this layer is loading;
-    /// never while every model is warm. A request whose body is too large to
-    /// buffer is never retried, and never keyed.
+    /// Note that `key` (of the URI, headers and buffered body) runs only on the cold path,
+    /// and that a request for which it returns `None` waits out a cold start alone.
     ///
-    /// Default: the URI's scheme, authority and path, which names the model
-    /// on HuggingFace's API (`/models/{id}`). Key by a body field where one
-    /// URL serves many models, as OpenAI-compatible routers do:
+    /// Default: the URI's scheme, authority and path (HuggingFace's `/models/{id}`).
+    /// Key by the body's `model` where one URL serves many models:
     ///
     /// ```
     /// use tower_cold_start::ColdStartRetryLayer;
@@ -299,9 +278,9 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// A function called before every wait, with the same facts as the
-    /// `tracing` event, e.g. to show progress. It runs inside the request's
-    /// future, so it must be quick and must not block.
+    /// Sets a function told of every wait, with the facts of its `tracing` event.
+    ///
+    /// Note that it runs inside the request's future, so it must be quick and must not block.
     ///
     /// Default: none.
     pub fn on_retry<F>(mut self, on_retry: F) -> Self

@@ -1,7 +1,8 @@
 //! A [tower] layer that makes HTTP clients survive model cold starts.
 //!
-//! Hosted model servers unload idle models. The next request meets a *cold
-//! start*: the HuggingFace Inference API answers
+//! Model servers unload idle models and endpoints scale to zero. The next
+//! request meets a *cold start*; the HuggingFace Inference API, for one,
+//! answers
 //!
 //! ```text
 //! HTTP/1.1 503 Service Unavailable
@@ -11,10 +12,10 @@
 //! ```
 //!
 //! That is not a failure: the model will answer in a few seconds.
-//! [`ColdStartRetryLayer`] recognises this response, sends the request again
-//! with the same bytes, asking the server to hold it until the model is
-//! ready (`x-wait-for-model: true`), and polls a server that does not hold,
-//! all within bounds you set. Everything else passes through untouched.
+//! [`ColdStartRetryLayer`] recognises the answer, sends the request again with
+//! the same bytes, asking the server to hold it until the model is ready, and
+//! polls a server that does not hold, all within bounds you set. Everything
+//! else passes through untouched.
 //!
 //! # Example
 //!
@@ -67,80 +68,41 @@
 //!
 //! # Behaviour
 //!
-//! - **Body replay.** The request body is buffered (up to
-//!   [`body_limit`](ColdStartRetryLayer::body_limit)) so that every attempt
-//!   sends the same method, URI, version, headers, extensions, bytes and
-//!   trailers. A body that is exactly one chunk (`Full<Bytes>`) is never
-//!   copied. The server receives nothing until the whole body has been read.
-//!   A larger body, or one that would take the bodies held by all calls in
-//!   flight past [`total_body_limit`](ColdStartRetryLayer::total_body_limit),
-//!   is streamed once, intact, and never retried; its report says why
-//!   ([`ColdStartReport::unbuffered`]), and a `WARN` event does too when its
-//!   answer may be a cold start. A request body that fails while it is read
-//!   fails the call with that error, and nothing is sent.
-//! - **Classification.** With the default [`HuggingFace`](classifier::HuggingFace)
-//!   classifier (see [`classifier`] for Inference Endpoints, TGI, `Retry-After`
-//!   and your own), a response is a cold start when its status is `503`
-//!   and its body is a JSON object whose `error` string contains
-//!   `is currently loading`. A request that asked the server to hold it
-//!   (`x-wait-for-model`) and came back `500` with `Model too busy` (the
-//!   server held it for its limit, about 60 s) is still loading too, and is
-//!   retried: at once by default, since the hold was the wait. Only such `503` and `500` bodies are
-//!   read, up to 4 KiB and for at most 5 s; a larger, slower, unreadable or
-//!   non-JSON body is not a cold start. A response that
-//!   is not retried reaches the caller with its status, headers and every
-//!   body byte (and trailers, or body error) exactly as the server sent them.
-//!   `429`, other `503`s and error pages pass through after one request.
-//! - **Waiting.** `estimated_time` is a poor estimate (announced 20 s, taken
-//!   10 s or 24 s), so by default ([`WaitStrategy::Adaptive`]) the layer does not
-//!   sleep it: the first retry goes out 1 s after the first request and
-//!   carries `x-wait-for-model: true` (see
-//!   [`hold_retries`](ColdStartRetryLayer::hold_retries)); a server that
-//!   holds it answers the moment the model is ready. A server that answers
-//!   that held retry "loading" at once does not hold, and is polled every
-//!   second (every 2 s for a caller alone). A `Retry-After` or a backoff the
-//!   classifier asks for is honoured as given. [`WaitStrategy::SleepEstimate`] keeps the
-//!   first release's behaviour: sleep `estimated_time`, capped by
-//!   [`max_wait`](ColdStartRetryLayer::max_wait), with
-//!   [`default_wait`](ColdStartRetryLayer::default_wait) for a missing,
-//!   negative, NaN, infinite or non-numeric value, never under one second,
-//!   shortened by a random 0–20% ([`jitter`](ColdStartRetryLayer::jitter)).
-//!   [`WaitStrategy::FixedInterval`] polls at a fixed interval. No strategy sends a model
-//!   more than one request per second, save right after a request the server
-//!   held for a second or more, so `"estimated_time": 0` cannot cause a busy
-//!   loop.
-//! - **Bounds.** No attempt starts, and no sleep runs, later than
+//! - **Replay.** The request body is read into memory (up to
+//!   [`body_limit`](ColdStartRetryLayer::body_limit), and
+//!   [`total_body_limit`](ColdStartRetryLayer::total_body_limit) for all calls
+//!   together) before the first attempt; every attempt sends the same method,
+//!   URI, version, headers, extensions, bytes and trailers. A larger body is
+//!   sent once, unbuffered, and its report says why
+//!   ([`ColdStartReport::unbuffered`]). A body that fails while it is read
+//!   fails the call, and nothing is sent.
+//! - **Recognition.** The [`classifier`] decides what is a cold start; only a
+//!   response it may call one has its body read, at most 4 KiB for at most
+//!   5 s. Any response that is not retried reaches the caller byte for byte,
+//!   trailers or body error included.
+//! - **Waiting.** The [`WaitStrategy`] paces the retries: by default the first
+//!   retry asks the server to hold it, and a server that does not hold is
+//!   polled once a second. No model is asked more than once per second, save
+//!   right after a held request.
+//! - **Bounds.** No attempt starts and no wait runs later than
 //!   [`max_total_wait`](ColdStartRetryLayer::max_total_wait) after the first
-//!   loading response, and at most
-//!   [`max_attempts`](ColdStartRetryLayer::max_attempts) requests are sent
-//!   (no limit by default: the time budget and the pace above bound them).
-//!   When either runs out, the caller gets the last loading response exactly
-//!   as the server sent it.
-//! - **Many callers, one cold model.** Services from one layer, and clones
-//!   of one service, share what they learn per model (scheme, authority and
-//!   path, or your [`model_key`](ColdStartRetryLayer::model_key)). Once a
-//!   model answered "loading", one request at a time probes it (with
-//!   `x-wait-for-model`); other calls for it, new or retrying, wait
-//!   in-process instead of going upstream, and are all released the moment
-//!   any response shows the model is no longer loading (a probe asleep
-//!   between polls too). Each keeps its own budget, and gets the latest
-//!   loading response when it runs out. A probe whose caller gives up is
-//!   taken over at once by a waiter. While no model is cold this costs one
-//!   atomic load per call: no lock, no allocation; while some are, a call
-//!   for a warm model takes no lock either, but in the rare case (1 in 32
-//!   per cold model) where their keys share a bucket.
-//! - **Report.** Every response carries a [`ColdStartReport`] extension.
-//! - **Observability.** Each wait emits a `tracing` event at `INFO` (URI
-//!   authority and path, model, attempt, wait, estimate; never a header
-//!   value) and calls the [`on_retry`](ColdStartRetryLayer::on_retry) hook:
-//!   the probing call's before each sleep, and a waiting call's when it
-//!   starts waiting and at each loading answer of the probe
-//!   ([`RetryEvent::behind_probe`]). [`cold_models`](ColdStartRetryLayer::cold_models)
-//!   counts the models held as cold.
-//! - **Cancellation.** Dropping the response future at any point (while the
-//!   body is read, a request is in flight or held, a 503 is read, the layer
-//!   sleeps, or waits for another caller's probe) cancels the call: nothing
-//!   more is sent, and a probe it held passes to a waiter.
+//!   loading answer, nor past [`max_attempts`](ColdStartRetryLayer::max_attempts);
+//!   then the caller gets the latest loading response as it came. Hostile
+//!   hints (negative, NaN, huge, a string) are values, never a panic.
+//! - **Many callers.** Calls through one layer share what they learn per model
+//!   ([`model_key`](ColdStartRetryLayer::model_key)): one probes a cold model,
+//!   the others wait in-process, each within its own budget, and all are
+//!   released by the first answer that is not "loading". The model's state
+//!   lives exactly as long as its prober and waiters. While no model is cold
+//!   this costs one atomic load.
+//! - **Telling.** Every response carries a [`ColdStartReport`]; every wait, the
+//!   prober's and each waiter's, emits an `INFO` `tracing` event and calls
+//!   [`on_retry`](ColdStartRetryLayer::on_retry). No header value is logged.
+//! - **tower.** `poll_ready` forwards to the inner service; `call` takes the
+//!   ready service and leaves a clone; each retry polls it ready again.
+//!   Dropping the response future at any point cancels the call, and a probe
+//!   it held passes to a waiter. Errors of the inner service reach the caller
+//!   as they are, never retried.
 //!
 //! # Timeouts
 //!

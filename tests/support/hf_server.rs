@@ -1,4 +1,4 @@
-//! A HuggingFace-like model server on 127.0.0.1, built from `shared/HF_WIRE.md`.
+//! A HuggingFace-like model server on 127.0.0.1, speaking the serverless API's wire contract.
 //!
 //! Shared by the tests, the quickstart example and the benches (`#[path]`).
 //! It speaks HTTP/1.1 and HTTP/2 (prior knowledge) on one port, records every
@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 /// The (estimated_time, seconds until the model answered) pairs recorded
-/// against api-inference.huggingface.co (`shared/HF_WIRE.md`).
+/// against api-inference.huggingface.co.
 pub const RECORDED_COLD_STARTS: [(f64, u64); 7] = [
     (20.0, 10),
     (20.0, 24),
