@@ -26,7 +26,9 @@ use crate::layer::Config;
 use crate::peek::Peek;
 use crate::replay::{Allowance, Buffered, Buffering};
 use crate::wake::{self, Answer};
-use crate::{BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent, Unbuffered};
+use crate::{
+    BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent, Unbuffered, Unreachable,
+};
 
 /// What the future does next.
 // A step is moved once, from a decision to the state it names; boxing the
@@ -98,6 +100,9 @@ pub(crate) struct Call<S, ReqBody> {
     pooled: usize,
     // Why the body was not buffered, if it was not.
     unbuffered: Option<Unbuffered>,
+    // Whether the model's server was last found unreachable (a refused
+    // connection) rather than loading.
+    unreachable: bool,
     _body: PhantomData<fn() -> ReqBody>,
 }
 
@@ -209,6 +214,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
             probe: None,
             pooled: 0,
             unbuffered: None,
+            unreachable: false,
             _body: PhantomData,
         }
     }
@@ -223,7 +229,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
 
     pub(crate) fn report(&self) -> ColdStartReport {
         let waited = self.cold.as_ref().map_or(Duration::ZERO, |c| c.waited);
-        ColdStartReport::new(self.attempts, waited, self.unbuffered)
+        ColdStartReport::new(self.attempts, waited, self.unbuffered, self.unreachable)
     }
 
     /// This call's share of the layer's replay pool.
@@ -389,6 +395,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
                 estimate: last.estimate,
                 elapsed,
                 behind_probe: true,
+                unreachable: last.refused.is_some(),
             },
         );
     }
@@ -440,6 +447,9 @@ impl<S, ReqBody> Call<S, ReqBody> {
             // and the bookkeeping above make this unreachable.
             return Step::Done(Err("cold start: no loading response was kept".into()));
         };
+        if let Some(error) = &snapshot.refused {
+            return Step::Done(Err(Box::new(Unreachable(Arc::clone(error)))));
+        }
         let Snapshot {
             head,
             body,
@@ -468,9 +478,11 @@ impl<S, ReqBody> Call<S, ReqBody> {
         }
         let retry = !matches!(self.request, Kept::Unsent(_));
         let hold = match &self.cold {
-            Some(cold) if self.config.hold_retries && (retry || self.probe.is_some()) => {
-                cold.last.as_ref().map_or(Hold::None, |last| last.hold)
-            }
+            Some(cold) if self.config.hold_retries && (retry || self.probe.is_some()) => cold
+                .last
+                .as_ref()
+                .map_or(self.config.first_hold, |last| last.hold),
+            _ if !retry => self.config.first_hold,
             _ => Hold::None,
         };
         let last_possible = self.attempts + 1 >= self.config.max_attempts;
@@ -577,9 +589,16 @@ where
         let response = match answer {
             Ok(response) => response,
             Err(error) => {
+                let error: BoxError = error.into();
+                let retryable = matches!(self.request, Kept::Copy(_));
+                if retryable && self.config.retries_refused && refused(&*error) {
+                    // Nothing reached the server: it is still booting.
+                    let snapshot = Arc::new(unreachable(error));
+                    return self.cold_start(snapshot, &ColdStart::new(Hint::Unknown), attempt);
+                }
                 // Not an answer from the model: someone else may probe.
                 self.probe = None;
-                return Step::Done(Err(error.into()));
+                return Step::Done(Err(error));
             }
         };
         let status = response.status();
@@ -637,6 +656,19 @@ where
             return Step::Done(Ok(finish(response, self.report())));
         };
         let snapshot = Arc::new(snapshot(peek, end, &cold));
+        self.cold_start(snapshot, &cold, attempt)
+    }
+
+    /// The model is cold (`snapshot`: its loading answer, or a refused
+    /// connection): wait for another caller's probe, or plan this call's
+    /// own next attempt.
+    fn cold_start(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        cold: &ColdStart,
+        attempt: Attempt,
+    ) -> Step<S::Future, ResBody> {
+        self.unreachable = snapshot.refused.is_some();
         let gate = self.record(Some(&snapshot));
         self.cold().last = Some(snapshot);
         if self.attempts >= self.config.max_attempts {
@@ -651,7 +683,7 @@ where
                 }
             }
         }
-        match self.plan_wait(&cold, attempt) {
+        match self.plan_wait(cold, attempt) {
             None => self.give_up(),
             Some(wait) if wait.is_zero() => Step::Ready,
             Some(wait) => {
@@ -772,9 +804,38 @@ where
                 estimate,
                 elapsed,
                 behind_probe: false,
+                unreachable: self.unreachable,
             },
         );
         Some(wait)
+    }
+}
+
+/// Whether an error proves that nothing reached the server: a refused
+/// connection, anywhere in its source chain.
+fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let io = error.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// A refused connection, as the model's latest "answer".
+fn unreachable(error: BoxError) -> Snapshot {
+    let (head, ()) = Response::new(()).into_parts();
+    Snapshot {
+        head,
+        body: Vec::new(),
+        trailers: None,
+        hold: Hold::None,
+        model: None,
+        estimate: None,
+        refused: Some(Arc::from(error)),
     }
 }
 
@@ -793,16 +854,18 @@ fn snapshot<B: Body>(peek: Peek<B>, end: Option<End<B::Error>>, cold: &ColdStart
             Hint::Estimate(secs) => Some(secs),
             _ => None,
         },
+        refused: None,
     }
 }
 
 /// Tells tracing and the hook of a wait.
 fn announce(config: &Config, event: &RetryEvent<'_>) {
     let uri = event.uri;
-    let message = if event.behind_probe {
-        "model is loading; waiting for another request's probe of it"
-    } else {
-        "model is loading; waiting before retrying"
+    let message = match (event.unreachable, event.behind_probe) {
+        (false, true) => "model is loading; waiting for another request's probe of it",
+        (false, false) => "model is loading; waiting before retrying",
+        (true, true) => "model server unreachable; waiting for another request's probe of it",
+        (true, false) => "model server unreachable; waiting before retrying",
     };
     tracing::info!(
         authority = uri.authority().map(|a| a.as_str()),
@@ -812,6 +875,7 @@ fn announce(config: &Config, event: &RetryEvent<'_>) {
         wait_ms = event.wait.as_millis() as u64,
         estimate = event.estimate,
         behind_probe = event.behind_probe,
+        unreachable = event.unreachable,
         "{message}"
     );
     if let Some(hook) = &config.on_retry {

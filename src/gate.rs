@@ -109,6 +109,9 @@ pub(crate) struct Snapshot {
     // What the classifier read in it, for the progress of waiting callers.
     pub(crate) model: Option<String>,
     pub(crate) estimate: Option<f64>,
+    // Not an answer but a refused connection: the server is still booting.
+    // (The head and body are then empty.)
+    pub(crate) refused: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -427,6 +430,7 @@ mod tests {
             hold: crate::classifier::Hold::None,
             model: None,
             estimate: None,
+            refused: None,
         })
     }
 

@@ -30,6 +30,13 @@ pub(crate) struct Config {
     // Shared by every service this layer makes (and their clones).
     pub(crate) pool: Arc<crate::replay::Pool>,
     pub(crate) hold_retries: bool,
+    // `None`: as the classifier says.
+    pub(crate) hold_first_request: Option<bool>,
+    pub(crate) retry_refused: Option<bool>,
+    // Resolved from the two above and the classifier, once per setter
+    // rather than once per call.
+    pub(crate) first_hold: crate::classifier::Hold,
+    pub(crate) retries_refused: bool,
     pub(crate) on_retry: Option<RetryHook>,
     // Shared by every service this layer makes (and their clones).
     pub(crate) registry: Arc<Registry>,
@@ -41,6 +48,22 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// Settles what depends on the classifier and the overrides.
+    fn resolve(&mut self) {
+        let classifier = &self.classifier.0;
+        let first = self
+            .hold_first_request
+            .unwrap_or_else(|| classifier.holds_first_request());
+        self.first_hold = if first && self.hold_retries {
+            classifier.hold()
+        } else {
+            crate::classifier::Hold::None
+        };
+        self.retries_refused = self
+            .retry_refused
+            .unwrap_or_else(|| classifier.retries_refused());
+    }
+
     pub(crate) fn wait_bounds(&self) -> WaitBounds {
         WaitBounds {
             default_wait: self.default_wait,
@@ -60,6 +83,10 @@ impl Default for Config {
             total_body_limit: 128 * 1024 * 1024,
             pool: Arc::default(),
             hold_retries: true,
+            hold_first_request: None,
+            retry_refused: None,
+            first_hold: crate::classifier::Hold::None,
+            retries_refused: false,
             on_retry: None,
             registry: Arc::default(),
             classifier: crate::classifier::Shared::default(),
@@ -80,6 +107,8 @@ impl fmt::Debug for Config {
             .field("body_limit", &self.body_limit)
             .field("total_body_limit", &self.total_body_limit)
             .field("hold_retries", &self.hold_retries)
+            .field("hold_first_request", &self.first_hold)
+            .field("retries_refused", &self.retries_refused)
             .field(
                 "on_retry",
                 &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
@@ -217,7 +246,9 @@ impl ColdStartRetryLayer {
     ///
     /// Default: `true`.
     pub fn hold_retries(mut self, hold_retries: bool) -> Self {
-        self.config_mut().hold_retries = hold_retries;
+        let config = self.config_mut();
+        config.hold_retries = hold_retries;
+        config.resolve();
         self
     }
 
@@ -225,7 +256,39 @@ impl ColdStartRetryLayer {
     ///
     /// Default: [`HuggingFace`](crate::classifier::HuggingFace); see [`classifier`](crate::classifier) for the others.
     pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
-        self.config_mut().classifier = crate::classifier::Shared(Arc::new(classifier));
+        let config = self.config_mut();
+        config.classifier = crate::classifier::Shared(Arc::new(classifier));
+        config.resolve();
+        self
+    }
+
+    /// Sets whether the first request already asks to be held until the
+    /// model is ready, with the classifier's hold header.
+    ///
+    /// Note that callers arriving together on a cold model that holds then
+    /// cost one request each, not two.
+    ///
+    /// Default: as the classifier says (`InferenceEndpoints`: yes, as its
+    /// docs advise `X-Scale-Up-Timeout` on every request; `HuggingFace`: no).
+    pub fn hold_first_request(mut self, hold_first_request: bool) -> Self {
+        let config = self.config_mut();
+        config.hold_first_request = Some(hold_first_request);
+        config.resolve();
+        self
+    }
+
+    /// Sets whether a refused connection is waited out and retried, as a
+    /// server that is still booting.
+    ///
+    /// Note that only a refused connection proves the request never reached
+    /// the server; a timeout or a reset reaches the caller as it is.
+    ///
+    /// Default: as the classifier says (the built-ins for servers users run:
+    /// yes; `HuggingFace` and `InferenceEndpoints`: no, fail fast).
+    pub fn retry_refused(mut self, retry_refused: bool) -> Self {
+        let config = self.config_mut();
+        config.retry_refused = Some(retry_refused);
+        config.resolve();
         self
     }
 

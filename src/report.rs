@@ -20,6 +20,7 @@ pub struct ColdStartReport {
     attempts: u32,
     waited: Duration,
     unbuffered: Option<Unbuffered>,
+    unreachable: bool,
 }
 
 /// Why a call's request body was not buffered, so that the call could not be
@@ -46,12 +47,25 @@ impl Unbuffered {
 }
 
 impl ColdStartReport {
-    pub(crate) fn new(attempts: u32, waited: Duration, unbuffered: Option<Unbuffered>) -> Self {
+    pub(crate) fn new(
+        attempts: u32,
+        waited: Duration,
+        unbuffered: Option<Unbuffered>,
+        unreachable: bool,
+    ) -> Self {
         ColdStartReport {
             attempts,
             waited,
             unbuffered,
+            unreachable,
         }
+    }
+
+    /// Whether the model's server was last found unreachable (it refused the
+    /// connection: still booting) rather than loading, when this call
+    /// waited; see [`retry_refused`](crate::ColdStartRetryLayer::retry_refused).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable
     }
 
     /// How many requests were sent upstream for this call, the first included.
@@ -99,6 +113,7 @@ pub struct RetryEvent<'a> {
     pub(crate) estimate: Option<f64>,
     pub(crate) elapsed: Duration,
     pub(crate) behind_probe: bool,
+    pub(crate) unreachable: bool,
 }
 
 impl<'a> RetryEvent<'a> {
@@ -137,6 +152,12 @@ impl<'a> RetryEvent<'a> {
         self.behind_probe
     }
 
+    /// Whether the server refused the connection (still booting) rather
+    /// than answered "loading": nothing reached it.
+    pub fn unreachable(&self) -> bool {
+        self.unreachable
+    }
+
     /// The server's `estimated_time` in seconds, as sent, when it was a
     /// number; it may be negative, huge or non-finite.
     pub fn estimate(&self) -> Option<f64> {
@@ -146,5 +167,24 @@ impl<'a> RetryEvent<'a> {
     /// Time since the first loading response for this call.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
+    }
+}
+
+/// The error a call ends with when its model's server stayed unreachable
+/// (it refused connections) until the cold-start budget ran out; its
+/// [`source`](std::error::Error::source) is the client's own error for the
+/// latest refused connection.
+#[derive(Debug, Clone)]
+pub struct Unreachable(pub(crate) std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("model server unreachable until the cold-start budget ran out")
+    }
+}
+
+impl std::error::Error for Unreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }

@@ -113,6 +113,14 @@ pub(crate) fn planned_wait(
     if remaining.is_zero() {
         return None;
     }
+    // A wait the server sets outright that the budget cannot cover is not
+    // slept at all: the answer goes back now (a quota that says "in 3
+    // hours" must not hold the caller for the rest of its budget).
+    if let Hint::After(wait) = hint {
+        if wait > remaining {
+            return None;
+        }
+    }
     let advised = match hint {
         Hint::Estimate(secs) => advised_wait(Some(secs), bounds),
         Hint::After(wait) => advised_wait(Some(wait.as_secs_f64()), bounds),
@@ -430,7 +438,9 @@ mod tests {
                 };
                 let remaining = Duration::from_nanos(remaining_ns);
                 match planned_wait(hint, attempt, bounds, jitter, remaining) {
-                    None => prop_assert!(remaining.is_zero()),
+                    None => prop_assert!(
+                        remaining.is_zero() || matches!(hint, Hint::After(d) if d > remaining)
+                    ),
                     Some(wait) => {
                         prop_assert!(wait <= remaining);
                         prop_assert!(wait <= bounds.max_wait);

@@ -44,7 +44,11 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
         },
     )])
     .await;
-    let layer = advised().jitter(false).classifier(InferenceEndpoints);
+    // The first request held too is the default; this pins the retry.
+    let layer = advised()
+        .jitter(false)
+        .classifier(InferenceEndpoints)
+        .hold_first_request(false);
     let start = Instant::now();
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));
@@ -58,6 +62,28 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
         "120 s budget less 20 s"
     );
     assert_eq!(received[1].headers.get("x-wait-for-model"), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inference_endpoints_hold_the_first_request_so_a_scaled_to_zero_endpoint_answers_once() {
+    // HuggingFace's autoscaling guide documents X-Scale-Up-Timeout for any
+    // request: the proxy holds it until a replica is ready.
+    let server = HfServer::start([(
+        PATH,
+        Model::Endpoint {
+            ready_after: Duration::from_secs(45),
+            status: 503,
+        },
+    )])
+    .await;
+    let layer = ColdStartRetryLayer::new().classifier(InferenceEndpoints);
+    let start = Instant::now();
+    let (status, _, attempts) = call(&server, layer).await;
+    assert_eq!((status, attempts), (200, 1));
+    assert_eq!(start.elapsed(), Duration::from_secs(45));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].headers["x-scale-up-timeout"], "120", "the whole budget");
 }
 
 #[tokio::test(start_paused = true)]
@@ -202,9 +228,52 @@ async fn retry_after_dates_in_the_past_and_absurd_delays_stay_in_bounds() {
     .await;
     let layer = advised().jitter(false).classifier(RetryAfter::new());
     let (status, _, attempts) = call(&server, layer).await;
+    // A past date: the 1 s floor. An absurd delay, past the budget: not
+    // slept at all, the answer goes back at once.
+    assert_eq!((status, attempts), (503, 2));
+    assert_eq!(server.offsets(), [0.0, 1.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_beyond_the_budget_hands_the_answer_back_at_once() {
+    // A quota that says "in three hours", as seconds, a fraction, in
+    // milliseconds, and as a date.
+    let in_three_hours = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3 * 3600));
+    for header in [
+        ("retry-after", "10800".to_owned()),
+        ("retry-after", "10800.5".to_owned()),
+        ("retry-after-ms", "10800000".to_owned()),
+        ("retry-after", in_three_hours),
+    ] {
+        let server = HfServer::start([(
+            PATH,
+            Model::Sequence(vec![(429, vec![header.clone()], Bytes::from_static(b"quota"))]),
+        )])
+        .await;
+        let layer = ColdStartRetryLayer::new().classifier(RetryAfter::new());
+        let start = Instant::now();
+        let (status, body, attempts) = call(&server, layer).await;
+        assert_eq!((status, attempts), (429, 1), "{header:?}");
+        assert_eq!(&body[..], b"quota", "as the server sent it");
+        assert_eq!(start.elapsed(), Duration::ZERO, "{header:?}: not slept");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fractional_and_millisecond_retry_afters_are_waited_as_written() {
+    let server = HfServer::start([(
+        PATH,
+        Model::Sequence(vec![
+            (429, vec![("retry-after", "1.5".into())], Bytes::new()),
+            (429, vec![("retry-after-ms", "2250".into()), ("retry-after", "9".into())], Bytes::new()),
+        ]),
+    )])
+    .await;
+    let layer = advised().jitter(false).classifier(RetryAfter::new());
+    let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 3));
-    // A past date: the 1 s floor. An absurd delay: max_wait (60 s).
-    assert_eq!(server.offsets(), [0.0, 1.0, 61.0]);
+    // retry-after-ms wins over retry-after when both are sent.
+    assert_eq!(server.offsets(), [0.0, 1.5, 3.75]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,6 +37,14 @@ impl Classify for InferenceEndpoints {
             retry_after(response.headers, SystemTime::now()).map_or(Hint::Unknown, Hint::After);
         Some(ColdStart::new(hint).with_hold(Hold::ScaleUpTimeout))
     }
+
+    fn hold(&self) -> Hold {
+        Hold::ScaleUpTimeout
+    }
+
+    fn holds_first_request(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

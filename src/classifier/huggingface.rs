@@ -39,6 +39,10 @@ impl Classify for HuggingFace {
         worth_reading(status, held)
     }
 
+    fn hold(&self) -> Hold {
+        Hold::WaitForModel
+    }
+
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         let loading = classify(response.status, response.body, response.held)?;
         let hint = if loading.after_hold {

@@ -34,14 +34,26 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 mod endpoints;
+mod error_text;
 mod huggingface;
+mod kserve;
+mod ollama;
 mod retry_after;
+mod tei;
 mod tgi;
+mod triton;
+mod vllm;
 
 pub use endpoints::InferenceEndpoints;
+pub use error_text::ErrorText;
 pub use huggingface::HuggingFace;
+pub use kserve::KServe;
+pub use ollama::Ollama;
 pub use retry_after::RetryAfter;
+pub use tei::Tei;
 pub use tgi::TgiOverloaded;
+pub use triton::Triton;
+pub use vllm::Vllm;
 
 pub(crate) use huggingface::X_WAIT_FOR_MODEL;
 
@@ -225,6 +237,32 @@ pub trait Classify: Send + Sync + 'static {
     /// Whether `response` is a cold start, and what it hints.
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart>;
 
+    /// Whether a refused connection means the server is still booting, so
+    /// that the call waits and retries as for a loading answer. A refused
+    /// connection proves the request never reached the server.
+    ///
+    /// Default: `false` (a hosted API refusing connections has a wrong URL:
+    /// fail fast). The built-ins for servers users run say `true`.
+    fn retries_refused(&self) -> bool {
+        false
+    }
+
+    /// How this server's requests ask to be held until the model is ready,
+    /// when no answer has said so yet (for the first request).
+    ///
+    /// Default: [`Hold::None`].
+    fn hold(&self) -> Hold {
+        Hold::None
+    }
+
+    /// Whether the first request already asks to be held ([`hold`](Self::hold)),
+    /// as the server's documentation advises.
+    ///
+    /// Default: `false`.
+    fn holds_first_request(&self) -> bool {
+        false
+    }
+
     /// This classifier, or else `other`.
     fn or<B: Classify>(self, other: B) -> Or<Self, B>
     where
@@ -291,6 +329,21 @@ impl<A: Classify, B: Classify> Classify for Or<A, B> {
                 .flatten()
         };
         try_one(&self.a).or_else(|| try_one(&self.b))
+    }
+
+    fn retries_refused(&self) -> bool {
+        self.a.retries_refused() || self.b.retries_refused()
+    }
+
+    fn hold(&self) -> Hold {
+        match self.a.hold() {
+            Hold::None => self.b.hold(),
+            hold => hold,
+        }
+    }
+
+    fn holds_first_request(&self) -> bool {
+        self.a.holds_first_request() || self.b.holds_first_request()
     }
 }
 

@@ -45,6 +45,10 @@ impl Classify for RetryAfter {
         status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
     }
 
+    fn hold(&self) -> Hold {
+        self.hold
+    }
+
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         if !self.may_be_cold_start(response.status, response.held) {
             return None;
@@ -57,11 +61,16 @@ impl Classify for RetryAfter {
 /// Parses `Retry-After`: delta seconds, or an HTTP date measured against the
 /// response's `Date` (else `now`). A date in the past is a zero wait.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    // `retry-after-ms` (OpenAI-style APIs) is the more precise of the two.
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| seconds(v.to_str().ok()?))
+    {
+        return Some(duration(ms / 1000.0));
+    }
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        // Digits only; an absurd count saturates and is capped later.
-        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(Duration::from_secs(secs));
+    if let Some(secs) = seconds(value) {
+        return Some(duration(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     let reference = headers
@@ -70,6 +79,25 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
         .and_then(|d| httpdate::parse_http_date(d).ok())
         .unwrap_or(now);
     Some(at.duration_since(reference).unwrap_or(Duration::ZERO))
+}
+
+/// A count of seconds as servers write it: digits, with an optional
+/// fraction (`1.5`, as OpenAI-style APIs send). Anything else, a sign or an
+/// exponent included, is not one.
+fn seconds(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(fraction) || (text.ends_with('.')) {
+        return None;
+    }
+    // Digits only: the parse cannot fail; absurd counts are infinite.
+    text.parse::<f64>().ok()
+}
+
+/// Seconds as a wait; an absurd count saturates (and is capped later).
+fn duration(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::from_secs(u64::MAX))
 }
 
 #[cfg(test)]
@@ -89,7 +117,22 @@ mod tests {
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
         let h = headers(&[("retry-after", &later)]);
         assert_eq!(retry_after(&h, now), Some(Duration::from_secs(30)));
-        for bad in ["", "-5", "1.5", "soon", "Mon, 99 Foo 2024 99:99:99 GMT"] {
+        let h = headers(&[("retry-after", "1.5")]);
+        assert_eq!(retry_after(&h, now), Some(Duration::from_millis(1500)));
+        let h = headers(&[("retry-after", "120"), ("retry-after-ms", "250.5")]);
+        assert_eq!(retry_after(&h, now), Some(Duration::from_micros(250_500)));
+        for bad in [
+            "",
+            "-5",
+            "1.",
+            ".5",
+            "1e3",
+            "+1",
+            "NaN",
+            "inf",
+            "soon",
+            "Mon, 99 Foo 2024 99:99:99 GMT",
+        ] {
             let h = headers(&[("retry-after", bad)]);
             assert_eq!(retry_after(&h, now), None, "{bad:?}");
         }
@@ -128,6 +171,30 @@ mod tests {
                 Some(Duration::from_secs(30)),
                 "{date}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_header_text_is_a_wait_or_nothing_never_a_panic(
+            retry in "[ -~]{0,40}",
+            ms in proptest::option::of("[ -~]{0,24}"),
+        ) {
+            let mut pairs = vec![("retry-after", retry.as_str())];
+            if let Some(ms) = &ms {
+                pairs.push(("retry-after-ms", ms.as_str()));
+            }
+            // Printable ASCII: always a valid header value.
+            let h = headers(&pairs);
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+            if let Some(wait) = retry_after(&h, now) {
+                // Only digits (with a fraction) or a date make a wait.
+                let text = retry.trim();
+                let numeric = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                let dated = httpdate::parse_http_date(text).is_ok();
+                let from_ms = ms.as_deref().is_some_and(|m| seconds(m).is_some());
+                proptest::prop_assert!(numeric || dated || from_ms, "{retry:?} {ms:?} -> {wait:?}");
+            }
         }
     }
 }

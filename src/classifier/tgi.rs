@@ -37,6 +37,10 @@ impl Classify for TgiOverloaded {
         let error: TgiError<'_> = serde_json::from_slice(response.body).ok()?;
         (error.error_type == "overloaded").then(|| ColdStart::new(Hint::Backoff))
     }
+
+    fn retries_refused(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
