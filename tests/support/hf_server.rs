@@ -182,7 +182,12 @@ pub fn loading_body(model: &str, estimate: Option<&str>) -> Bytes {
 impl HfServer {
     /// Starts a server serving `models` (path -> behaviour) on 127.0.0.1.
     pub async fn start<'a>(models: impl IntoIterator<Item = (&'a str, Model)>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(0, models).await
+    }
+
+    /// The same, on `port` (0: any free port).
+    pub async fn start_on<'a>(port: u16, models: impl IntoIterator<Item = (&'a str, Model)>) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let server = Self::detached(listener.local_addr().unwrap(), models);
         let accept = server.clone();
         tokio::spawn(async move {
