@@ -52,6 +52,9 @@ pub(crate) enum Step<F, B: Body> {
 pub(crate) struct Attempt {
     // Whether it asked the server to hold it.
     held: bool,
+    // Whether it is a readiness check (an empty GET of the server's
+    // readiness route), not the caller's request.
+    check: bool,
     // When it was sent, if it is a retry or held (the first request is not
     // timed: the warm path reads no clock).
     sent: Option<Instant>,
@@ -103,6 +106,11 @@ pub(crate) struct Call<S, ReqBody> {
     // Whether the model's server was last found unreachable (a refused
     // connection) rather than loading.
     unreachable: bool,
+    // Whether this call's next request, as the model's probe, is a
+    // readiness check (where the server has a readiness route).
+    check_next: bool,
+    // Readiness checks sent.
+    checks: u32,
     _body: PhantomData<fn() -> ReqBody>,
 }
 
@@ -215,6 +223,8 @@ impl<S, ReqBody> Call<S, ReqBody> {
             pooled: 0,
             unbuffered: None,
             unreachable: false,
+            check_next: false,
+            checks: 0,
             _body: PhantomData,
         }
     }
@@ -350,6 +360,8 @@ impl<S, ReqBody> Call<S, ReqBody> {
     /// from the model. A budget that ends first ends without a request.
     fn take_over(&mut self, gate: Arc<Gate>, probe: Probe) -> Option<Box<Wait>> {
         self.probe = Some(probe);
+        // The model is cold and this call now probes it.
+        self.check_next = gate.last().checkable;
         let resume = gate.asked() + wake::pace(self.config.wait_strategy);
         let now = Instant::now();
         if resume <= now {
@@ -430,6 +442,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
                     }
                 }
                 self.probe = None;
+                self.check_next = false;
                 None
             }
         }
@@ -477,6 +490,11 @@ impl<S, ReqBody> Call<S, ReqBody> {
             self.probe = None;
         }
         let retry = !matches!(self.request, Kept::Unsent(_));
+        if retry && self.check_next {
+            if let Some(route) = self.readiness_route() {
+                return self.send_check(route);
+            }
+        }
         let hold = match &self.cold {
             Some(cold) if self.config.hold_retries && (retry || self.probe.is_some()) => cold
                 .last
@@ -507,6 +525,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
         let held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
         let attempt = Attempt {
             held,
+            check: false,
             sent: (retry || held).then(Instant::now),
         };
         self.attempts += 1;
@@ -519,6 +538,48 @@ impl<S, ReqBody> Call<S, ReqBody> {
             }
             probe.gate().asked_now();
         }
+        Some(Step::Call(self.service.call(req), attempt))
+    }
+
+    /// The server's readiness route for this call's request, if it has one.
+    fn readiness_route(&self) -> Option<Uri> {
+        let uri = self.uri()?;
+        match &self.config.readiness {
+            Some(route) => route(&uri),
+            None => self.config.classifier.0.readiness(&uri),
+        }
+    }
+
+    /// Sends an empty `GET` of the readiness route, with the caller's
+    /// headers (credentials included) but not its body.
+    fn send_check<B: Body>(&mut self, route: Uri) -> Option<Step<S::Future, B>>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        let Kept::Copy(head) = &self.request else {
+            return None;
+        };
+        let mut parts = head.rebuild()?;
+        parts.method = http::Method::GET;
+        parts.uri = route;
+        for name in [
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_TYPE,
+            http::header::TRANSFER_ENCODING,
+            http::header::TRAILER,
+        ] {
+            parts.headers.remove(name);
+        }
+        let req = Request::from_parts(parts, RequestBody::replay(&Buffered::default()));
+        self.checks += 1;
+        if let Some(probe) = &self.probe {
+            probe.gate().asked_now();
+        }
+        let attempt = Attempt {
+            held: false,
+            check: true,
+            sent: Some(Instant::now()),
+        };
         Some(Step::Call(self.service.call(req), attempt))
     }
 
@@ -552,6 +613,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
         self.unbuffered = Some(reason);
         let attempt = Attempt {
             held: false,
+            check: false,
             sent: None,
         };
         Step::Call(self.service.call(Request::from_parts(parts, body)), attempt)
@@ -586,6 +648,9 @@ where
         answer: Result<Response<ResBody>, S::Error>,
         attempt: Attempt,
     ) -> Step<S::Future, ResBody> {
+        if attempt.check {
+            return self.checked(answer.is_ok_and(|r| r.status().is_success()), attempt);
+        }
         let response = match answer {
             Ok(response) => response,
             Err(error) => {
@@ -669,6 +734,7 @@ where
         attempt: Attempt,
     ) -> Step<S::Future, ResBody> {
         self.unreachable = snapshot.refused.is_some();
+        let snapshot_checkable = snapshot.checkable;
         let gate = self.record(Some(&snapshot));
         self.cold().last = Some(snapshot);
         if self.attempts >= self.config.max_attempts {
@@ -683,6 +749,13 @@ where
                 }
             }
         }
+        // This call polls the model itself now.
+        self.check_next = snapshot_checkable;
+        self.poll_again(cold, attempt)
+    }
+
+    /// The pause before this call's own next request to a cold model.
+    fn poll_again(&mut self, cold: &ColdStart, attempt: Attempt) -> Step<S::Future, ResBody> {
         match self.plan_wait(cold, attempt) {
             None => self.give_up(),
             Some(wait) if wait.is_zero() => Step::Ready,
@@ -700,6 +773,10 @@ where
                 self.cold().waited += wait.started.elapsed();
                 if *gives_up && woken == Woken::Timer {
                     return self.give_up();
+                }
+                if woken == Woken::Gate {
+                    // Released: the model is warm, send the request itself.
+                    self.check_next = false;
                 }
                 return Step::Ready;
             }
@@ -727,9 +804,23 @@ where
             }
             next => {
                 self.cold().waited += wait.started.elapsed();
+                if next.is_none() && self.probe.is_none() {
+                    // Released, not taking over: send the request itself.
+                    self.check_next = false;
+                }
                 next.map_or(Step::Ready, Step::Wait)
             }
         }
+    }
+
+    /// A readiness check answered: ready (a success), or not (anything else,
+    /// a failure included: it was an empty `GET`, safe to send again).
+    fn checked(&mut self, ready: bool, attempt: Attempt) -> Step<S::Future, ResBody> {
+        if ready {
+            self.check_next = false;
+            return Step::Ready;
+        }
+        self.poll_again(&ColdStart::new(Hint::Unknown), attempt)
     }
 
     /// The service is ready (or failed) for the next attempt; `delayed`: it
@@ -772,7 +863,8 @@ where
         let remaining = config.max_total_wait.saturating_sub(elapsed);
         let answer = Answer {
             hint: cold.hint(),
-            attempt: self.attempts,
+            // Readiness checks ask the model too: they pace a lone caller.
+            attempt: self.attempts + self.checks,
             took: attempt
                 .sent
                 .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent)),
@@ -836,6 +928,7 @@ fn unreachable(error: BoxError) -> Snapshot {
         model: None,
         estimate: None,
         refused: Some(Arc::from(error)),
+        checkable: true,
     }
 }
 
@@ -855,6 +948,7 @@ fn snapshot<B: Body>(peek: Peek<B>, end: Option<End<B::Error>>, cold: &ColdStart
             _ => None,
         },
         refused: None,
+        checkable: !matches!(cold.hint(), Hint::Backoff | Hint::After(_)),
     }
 }
 

@@ -112,6 +112,9 @@ pub(crate) struct Snapshot {
     // Not an answer but a refused connection: the server is still booting.
     // (The head and body are then empty.)
     pub(crate) refused: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    // Whether the server's readiness route tells when this state ends: a
+    // model not ready, or a server not up; not overload or a quota.
+    pub(crate) checkable: bool,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -431,6 +434,7 @@ mod tests {
             model: None,
             estimate: None,
             refused: None,
+            checkable: false,
         })
     }
 

@@ -13,6 +13,9 @@ use crate::{ColdStartRetry, RetryEvent, WaitStrategy};
 
 pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
+/// A user's readiness route: the route for a request's URI.
+pub(crate) type ReadinessRoute = Arc<dyn Fn(&Uri) -> Option<Uri> + Send + Sync>;
+
 /// A user's model key function, hashing its key with the registry's hasher.
 pub(crate) type ModelKey =
     Arc<dyn Fn(&Registry, &Uri, &HeaderMap, &[u8]) -> Option<u64> + Send + Sync>;
@@ -37,6 +40,8 @@ pub(crate) struct Config {
     // rather than once per call.
     pub(crate) first_hold: crate::classifier::Hold,
     pub(crate) retries_refused: bool,
+    // `None`: the classifier's.
+    pub(crate) readiness: Option<ReadinessRoute>,
     pub(crate) on_retry: Option<RetryHook>,
     // Shared by every service this layer makes (and their clones).
     pub(crate) registry: Arc<Registry>,
@@ -87,6 +92,7 @@ impl Default for Config {
             retry_refused: None,
             first_hold: crate::classifier::Hold::None,
             retries_refused: false,
+            readiness: None,
             on_retry: None,
             registry: Arc::default(),
             classifier: crate::classifier::Shared::default(),
@@ -109,6 +115,10 @@ impl fmt::Debug for Config {
             .field("hold_retries", &self.hold_retries)
             .field("hold_first_request", &self.first_hold)
             .field("retries_refused", &self.retries_refused)
+            .field(
+                "readiness",
+                &self.readiness.as_ref().map(|_| "Fn(&Uri) -> Option<Uri>"),
+            )
             .field(
                 "on_retry",
                 &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
@@ -274,6 +284,22 @@ impl ColdStartRetryLayer {
         let config = self.config_mut();
         config.hold_first_request = Some(hold_first_request);
         config.resolve();
+        self
+    }
+
+    /// Sets the server's readiness route for a request: while its model is
+    /// cold, the probing call polls that route with an empty `GET` and sends
+    /// its real request, body and all, once the route answers with a success.
+    ///
+    /// Note that a large upload is then sent twice at most, not once per poll.
+    ///
+    /// Default: the classifier's (`/health` for TGI, TEI and vLLM;
+    /// `/v2/models/<name>/ready` for KServe and Triton; none for the rest).
+    pub fn readiness_route<F>(mut self, route: F) -> Self
+    where
+        F: Fn(&Uri) -> Option<Uri> + Send + Sync + 'static,
+    {
+        self.config_mut().readiness = Some(Arc::new(route));
         self
     }
 

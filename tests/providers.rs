@@ -83,7 +83,10 @@ async fn inference_endpoints_hold_the_first_request_so_a_scaled_to_zero_endpoint
     assert_eq!(start.elapsed(), Duration::from_secs(45));
     let received = server.received();
     assert_eq!(received.len(), 1);
-    assert_eq!(received[0].headers["x-scale-up-timeout"], "120", "the whole budget");
+    assert_eq!(
+        received[0].headers["x-scale-up-timeout"], "120",
+        "the whole budget"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -247,7 +250,11 @@ async fn a_retry_after_beyond_the_budget_hands_the_answer_back_at_once() {
     ] {
         let server = HfServer::start([(
             PATH,
-            Model::Sequence(vec![(429, vec![header.clone()], Bytes::from_static(b"quota"))]),
+            Model::Sequence(vec![(
+                429,
+                vec![header.clone()],
+                Bytes::from_static(b"quota"),
+            )]),
         )])
         .await;
         let layer = ColdStartRetryLayer::new().classifier(RetryAfter::new());
@@ -265,7 +272,14 @@ async fn fractional_and_millisecond_retry_afters_are_waited_as_written() {
         PATH,
         Model::Sequence(vec![
             (429, vec![("retry-after", "1.5".into())], Bytes::new()),
-            (429, vec![("retry-after-ms", "2250".into()), ("retry-after", "9".into())], Bytes::new()),
+            (
+                429,
+                vec![
+                    ("retry-after-ms", "2250".into()),
+                    ("retry-after", "9".into()),
+                ],
+                Bytes::new(),
+            ),
         ]),
     )])
     .await;

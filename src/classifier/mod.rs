@@ -263,6 +263,16 @@ pub trait Classify: Send + Sync + 'static {
         false
     }
 
+    /// The server's readiness route for a request to `uri`: while the model
+    /// is cold, the probing call polls it with an empty `GET` and sends its
+    /// real request (and body) only once it answers with a success.
+    ///
+    /// Default: `None` (the real request is the probe).
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        let _ = uri;
+        None
+    }
+
     /// This classifier, or else `other`.
     fn or<B: Classify>(self, other: B) -> Or<Self, B>
     where
@@ -345,6 +355,27 @@ impl<A: Classify, B: Classify> Classify for Or<A, B> {
     fn holds_first_request(&self) -> bool {
         self.a.holds_first_request() || self.b.holds_first_request()
     }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        self.a.readiness(uri).or_else(|| self.b.readiness(uri))
+    }
+}
+
+/// `uri` with its path replaced by `path` and no query.
+pub(crate) fn same_server(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = uri.scheme().cloned();
+    parts.authority = uri.authority().cloned();
+    parts.path_and_query = Some(path.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// The v2 protocol's model readiness route (`/v2/models/<name>/ready`) for
+/// a request to `/v1/models/<name>:predict` or `/v2/models/<name>/...`.
+pub(crate) fn model_ready_route(uri: &http::Uri) -> Option<http::Uri> {
+    let rest = uri.path().split_once("/models/")?.1;
+    let name = rest.split(['/', ':']).next().filter(|n| !n.is_empty())?;
+    same_server(uri, &format!("/v2/models/{name}/ready"))
 }
 
 /// Whether a body starts a JSON object: serde would also accept an array
@@ -460,5 +491,35 @@ mod tests {
         assert_eq!(cold.hint(), Hint::Backoff);
         assert_eq!(cold.hold(), Hold::PreferWait);
         assert_eq!(cold.model(), Some("m"));
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn readiness_routes_follow_the_request() {
+        let uri: http::Uri = "http://h:8080/v2/models/densenet/infer?x=1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            KServe.readiness(&uri).unwrap(),
+            "http://h:8080/v2/models/densenet/ready"
+        );
+        let v1: http::Uri = "https://h/v1/models/iris:predict".parse().unwrap();
+        assert_eq!(
+            Triton::new().readiness(&v1).unwrap(),
+            "https://h/v2/models/iris/ready"
+        );
+        let chat: http::Uri = "http://h:8000/v1/chat/completions".parse().unwrap();
+        assert_eq!(Vllm.readiness(&chat).unwrap(), "http://h:8000/health");
+        assert_eq!(KServe.readiness(&chat), None, "no model in the path");
+        assert_eq!(HuggingFace.readiness(&chat), None);
+        assert_eq!(Ollama.readiness(&chat), None, "Ollama holds instead");
+        assert_eq!(
+            HuggingFace.or(Tei).readiness(&chat).unwrap(),
+            "http://h:8000/health"
+        );
     }
 }

@@ -39,6 +39,10 @@ impl Classify for Tei {
     fn retries_refused(&self) -> bool {
         true
     }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        super::same_server(uri, "/health")
+    }
 }
 
 #[cfg(test)]

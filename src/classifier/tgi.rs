@@ -41,6 +41,10 @@ impl Classify for TgiOverloaded {
     fn retries_refused(&self) -> bool {
         true
     }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        super::same_server(uri, "/health")
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,10 @@ impl Classify for Triton {
     fn retries_refused(&self) -> bool {
         true
     }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        super::model_ready_route(uri)
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ impl Classify for Vllm {
     fn retries_refused(&self) -> bool {
         true
     }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        super::same_server(uri, "/health")
+    }
 }
 
 #[cfg(test)]

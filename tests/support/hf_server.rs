@@ -186,7 +186,10 @@ impl HfServer {
     }
 
     /// The same, on `port` (0: any free port).
-    pub async fn start_on<'a>(port: u16, models: impl IntoIterator<Item = (&'a str, Model)>) -> Self {
+    pub async fn start_on<'a>(
+        port: u16,
+        models: impl IntoIterator<Item = (&'a str, Model)>,
+    ) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let server = Self::detached(listener.local_addr().unwrap(), models);
         let accept = server.clone();
