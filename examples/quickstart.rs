@@ -4,13 +4,20 @@
 //! cargo run --example quickstart
 //! ```
 //! starts an embedded HuggingFace-like server on 127.0.0.1 whose model is
-//! cold for 4 seconds, and calls it. To call the real Inference API instead:
+//! cold for 4 seconds, and calls it. To call a real server that cold-starts
+//! today instead, give its URL (and `HF_TOKEN` where it needs one):
 //!
 //! ```text
-//! HF_TOKEN=hf_... cargo run --example quickstart -- distilbert/distilbert-base-uncased-finetuned-sst-2-english "I like you"
+//! HF_TOKEN=hf_... cargo run --example quickstart -- https://xyz.us-east-1.aws.endpoints.huggingface.cloud "I like you"
+//! cargo run --example quickstart -- http://127.0.0.1:8080/v2/models/sentiment/infer '{"inputs":[]}'
 //! ```
-//! The first argument is a model id (sent to
-//! `https://router.huggingface.co/hf-inference/models/{id}`) or a full URL.
+//! An Inference Endpoint (scaled to zero) is called with the
+//! `InferenceEndpoints` classifier, which asks the proxy to hold the request
+//! until a replica is up; any other URL with the built-ins for the servers
+//! people run themselves (KServe, Triton, vLLM, TEI, TGI, Ollama), which also
+//! wait out a server still booting. (HuggingFace's serverless API has been
+//! warm-only since February 2025: it no longer sends the loading answer the
+//! embedded server shows.)
 
 #[path = "../tests/support/hf_server.rs"]
 mod hf_server;
@@ -23,6 +30,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_cold_start::classifier::{self, Classify};
 use tower_cold_start::{ColdStartReport, ColdStartRetryLayer, RequestBody, ResponseBody};
 
 #[tokio::main]
@@ -52,16 +60,19 @@ async fn main() -> Result<(), BoxError> {
                 server.addr
             );
             let client = Client::builder(TokioExecutor::new()).build_http();
-            run(client, &server.url(&path), None, body).await
+            run(
+                client,
+                ColdStartRetryLayer::new(),
+                &server.url(&path),
+                None,
+                body,
+            )
+            .await
         }
-        Some(target) => {
+        Some(url) => {
             let token = std::env::var("HF_TOKEN")
-                .map_err(|_| "set HF_TOKEN to call the real Inference API")?;
-            let url = if target.starts_with("http://") || target.starts_with("https://") {
-                target
-            } else {
-                format!("https://router.huggingface.co/hf-inference/models/{target}")
-            };
+                .ok()
+                .map(|t| format!("Bearer {t}"));
             let https = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_webpki_roots()
                 .https_or_http()
@@ -69,12 +80,29 @@ async fn main() -> Result<(), BoxError> {
                 .enable_http2()
                 .build();
             let client = Client::builder(TokioExecutor::new()).build(https);
-            run(client, &url, Some(format!("Bearer {token}")), body).await
+            let layer = if url.contains(".endpoints.huggingface.cloud") {
+                ColdStartRetryLayer::new().classifier(classifier::InferenceEndpoints)
+            } else {
+                let servers = classifier::KServe
+                    .or(classifier::Triton::new())
+                    .or(classifier::Vllm)
+                    .or(classifier::Tei)
+                    .or(classifier::TgiOverloaded)
+                    .or(classifier::Ollama);
+                ColdStartRetryLayer::new().classifier(servers)
+            };
+            run(client, layer, &url, token, body).await
         }
     }
 }
 
-async fn run<S, B>(inner: S, url: &str, token: Option<String>, body: Bytes) -> Result<(), BoxError>
+async fn run<S, B>(
+    inner: S,
+    layer: ColdStartRetryLayer,
+    url: &str,
+    token: Option<String>,
+    body: Bytes,
+) -> Result<(), BoxError>
 where
     S: Service<Request<RequestBody<Full<Bytes>>>, Response = http::Response<B>>
         + Clone
@@ -86,21 +114,26 @@ where
     B::Error: Into<BoxError>,
 {
     let started = Instant::now();
-    let client = ServiceBuilder::new()
-        // The caller's overall deadline: the layer's 120 s budget plus one
-        // held request.
-        .timeout(Duration::from_secs(180))
-        .layer(ColdStartRetryLayer::new().on_retry(move |event| {
-            println!(
-                "  {} is loading (attempt {}, server estimate {}); retrying in {:.1} s [{:.1} s so far]",
-                event.model().unwrap_or("the model"),
+    let client =
+        ServiceBuilder::new()
+            // The caller's overall deadline: the layer's 120 s budget plus one
+            // held request.
+            .timeout(Duration::from_secs(180))
+            .layer(layer.on_retry(move |event| {
+                let what = if event.unreachable() {
+                    "the server is unreachable (still booting?)".to_owned()
+                } else {
+                    format!("{} is loading", event.model().unwrap_or("the model"))
+                };
+                println!(
+                "  {what} (attempt {}, server estimate {}); retrying in {:.1} s [{:.1} s so far]",
                 event.attempt(),
                 event.estimate().map_or("none".to_owned(), |e| format!("{e} s")),
                 event.wait().as_secs_f64(),
                 started.elapsed().as_secs_f64(),
             );
-        }))
-        .service(inner);
+            }))
+            .service(inner);
 
     let mut request = Request::post(url).header("content-type", "application/json");
     if let Some(token) = token {

@@ -649,6 +649,8 @@ where
         attempt: Attempt,
     ) -> Step<S::Future, ResBody> {
         if attempt.check {
+            // Any answer shows the server up, if not ready.
+            self.unreachable = answer.is_err();
             return self.checked(answer.is_ok_and(|r| r.status().is_success()), attempt);
         }
         let response = match answer {

@@ -82,8 +82,15 @@
 //!   trailers or body error included.
 //! - **Waiting.** The [`WaitStrategy`] paces the retries: by default the first
 //!   retry asks the server to hold it, and a server that does not hold is
-//!   polled once a second. No model is asked more than once per second, save
-//!   right after a held request.
+//!   polled once a second (through its readiness route, where it has one,
+//!   so a large body is not resent). No model is asked more than once per
+//!   second, save right after a held request. A wait the server sets that
+//!   the budget cannot cover is not slept: the answer goes back at once.
+//! - **Unreachable.** Where the classifier (or
+//!   [`retry_refused`](ColdStartRetryLayer::retry_refused)) says so, a
+//!   refused connection (nothing reached the server) is a server still
+//!   booting, waited out like a loading answer. Any other error, a timeout
+//!   or a reset included, reaches the caller as it is.
 //! - **Bounds.** No attempt starts and no wait runs later than
 //!   [`max_total_wait`](ColdStartRetryLayer::max_total_wait) after the first
 //!   loading answer, nor past [`max_attempts`](ColdStartRetryLayer::max_attempts);

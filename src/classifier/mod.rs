@@ -12,7 +12,13 @@
 //! | [`HuggingFace`] | `503` `{"error":"… is currently loading","estimated_time":…}`; `500` `Model too busy` after a hold | `estimated_time` | `x-wait-for-model: true` |
 //! | [`InferenceEndpoints`] | `503` or `502` from the endpoint proxy while a replica boots | `Retry-After` if sent | `X-Scale-Up-Timeout: <seconds left>` |
 //! | [`TgiOverloaded`] | `429` `{"error_type":"overloaded"}` from text-generation-inference | exponential backoff | none |
-//! | [`RetryAfter`] | `503` or `429` with a `Retry-After` header | the header (seconds or HTTP date) | none, or `Prefer: wait=N` |
+//! | [`RetryAfter`] | `503` or `429` with `Retry-After` (seconds, a fraction, an HTTP date) or `retry-after-ms` | the header | none, or `Prefer: wait=N` |
+//! | [`KServe`] | `503` `Model with name … is not ready.`; refused connections | poll, via `/v2/models/<name>/ready` | none |
+//! | [`Triton`] | `503` `… is not at ready state` (a `404` on request); refused connections | poll, via `/v2/models/<name>/ready` | none |
+//! | [`Vllm`] | `503` `Server is unavailable…` or sleeping; refused connections | poll, via `/health` | none |
+//! | [`Tei`] | `429` `"error_type":"Overloaded"`; refused connections | exponential backoff | none |
+//! | [`Ollama`] | `503` `… maximum pending requests exceeded`; refused connections | exponential backoff | none |
+//! | [`ErrorText`] | your statuses and text | poll, or your hint | yours |
 //!
 //! ```
 //! use tower_cold_start::classifier::{self, Classify, ColdStart, HuggingFace, Hint, RetryAfter};
