@@ -104,8 +104,9 @@ pub(crate) struct Call<S, ReqBody> {
     // Why the body was not buffered, if it was not.
     unbuffered: Option<Unbuffered>,
     // Whether the model's server was last found unreachable (a refused
-    // connection) rather than loading.
+    // connection) rather than loading; and whether it ever was, this call.
     unreachable: bool,
+    met_unreachable: bool,
     // Whether this call's next request, as the model's probe, is a
     // readiness check (where the server has a readiness route).
     check_next: bool,
@@ -223,6 +224,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
             pooled: 0,
             unbuffered: None,
             unreachable: false,
+            met_unreachable: false,
             check_next: false,
             checks: 0,
             _body: PhantomData,
@@ -239,7 +241,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
 
     pub(crate) fn report(&self) -> ColdStartReport {
         let waited = self.cold.as_ref().map_or(Duration::ZERO, |c| c.waited);
-        ColdStartReport::new(self.attempts, waited, self.unbuffered, self.unreachable)
+        ColdStartReport::new(self.attempts, waited, self.unbuffered, self.met_unreachable)
     }
 
     /// This call's share of the layer's replay pool.
@@ -736,6 +738,7 @@ where
         attempt: Attempt,
     ) -> Step<S::Future, ResBody> {
         self.unreachable = snapshot.refused.is_some();
+        self.met_unreachable |= self.unreachable;
         let snapshot_checkable = snapshot.checkable;
         let gate = self.record(Some(&snapshot));
         self.cold().last = Some(snapshot);

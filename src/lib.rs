@@ -132,6 +132,7 @@
 //! [`tower::timeout`]: https://docs.rs/tower/latest/tower/timeout/index.html
 
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -150,6 +151,9 @@ mod layer;
 mod lifecycle_tests;
 mod peek;
 mod replay;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod report;
 mod service;
 mod wake;

@@ -95,6 +95,19 @@ impl<B> RequestBody<B> {
         }
     }
 
+    /// The whole body as bytes, if it is a buffered one without trailers
+    /// (what a client can send as in-memory bytes, with `Content-Length`).
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn into_bytes(self) -> Result<Bytes, Self> {
+        match self.kind {
+            Kind::Replay {
+                data,
+                trailers: None,
+            } => Ok(data.unwrap_or_default()),
+            kind => Err(RequestBody { kind }),
+        }
+    }
+
     pub(crate) fn stream(prefix: VecDeque<Bytes>, rest: Pin<Box<B>>) -> Self {
         RequestBody {
             kind: Kind::Stream {

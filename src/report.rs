@@ -61,9 +61,9 @@ impl ColdStartReport {
         }
     }
 
-    /// Whether the model's server was last found unreachable (it refused the
-    /// connection: still booting) rather than loading, when this call
-    /// waited; see [`retry_refused`](crate::ColdStartRetryLayer::retry_refused).
+    /// Whether this call found the model's server unreachable (it refused
+    /// connections: still booting) and waited for it; see
+    /// [`retry_refused`](crate::ColdStartRetryLayer::retry_refused).
     pub fn unreachable(&self) -> bool {
         self.unreachable
     }
