@@ -15,7 +15,8 @@
 //!
 //! With `-- --count <service> <requests>` it instead sends that many
 //! requests through one service (`bare`, `identity`, `tower_retry`,
-//! `follow_redirect` or `layered`) on a current-thread runtime and exits:
+//! `follow_redirect` or `layered`; with `--features reqwest` also
+//! `reqwest_bare` and `reqwest_layered`) on a current-thread runtime and exits:
 //! `scripts/warm_path_instructions.sh` runs that under callgrind and prints
 //! the instructions per request that `BENCHMARKS.md` quotes.
 
@@ -397,6 +398,30 @@ fn count(service: &str, n: usize) {
                 let layered = ServiceBuilder::new()
                     .layer(ColdStartRetryLayer::new())
                     .service(Client::builder(TokioExecutor::new()).build_http());
+                send_all(layered, url, body, n).await
+            }
+            #[cfg(feature = "reqwest")]
+            "reqwest_bare" => {
+                let client = reqwest::Client::new();
+                let bare = tower::service_fn(move |req: Request<Full<Bytes>>| {
+                    let client = client.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        let req = Request::from_parts(parts, reqwest::Body::from(body));
+                        let response = client.execute(reqwest::Request::try_from(req)?).await?;
+                        Ok::<_, reqwest::Error>(http::Response::<reqwest::Body>::from(response))
+                    }
+                });
+                send_all(bare, url, body, n).await
+            }
+            #[cfg(feature = "reqwest")]
+            "reqwest_layered" => {
+                let layered = ServiceBuilder::new()
+                    .layer(ColdStartRetryLayer::new())
+                    .service(tower_cold_start::reqwest::ReqwestService::new(
+                        reqwest::Client::new(),
+                    ));
                 send_all(layered, url, body, n).await
             }
             other => panic!("no service {other:?}"),

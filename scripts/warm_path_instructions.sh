@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind" >&2; exit 1; }
-exe=$(cargo bench --bench warm_path --no-run --message-format=json 2>/dev/null |
+exe=$(cargo bench --bench warm_path --features reqwest --no-run --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep warm_path | tail -1)
 count() {
     valgrind --tool=callgrind --callgrind-out-file=/dev/null "$exe" --count "$1" "$2" 2>&1 |
@@ -16,10 +16,11 @@ count() {
 echo "| service | instructions per request | added over bare |"
 echo "|---|---|---|"
 bare=""
-for service in bare identity tower_retry follow_redirect layered; do
+for service in bare identity tower_retry follow_redirect layered reqwest_bare reqwest_layered; do
     low=$(count "$service" 1600)
     high=$(count "$service" 4800)
     per=$(((high - low) / 3200))
-    [ -n "$bare" ] || bare=$per
+    # The reqwest rows are measured against the bare reqwest client.
+    case "$service" in bare | reqwest_bare) bare=$per ;; esac
     printf '| %s | %s | %+d |\n' "$service" "$per" $((per - bare))
 done

@@ -136,7 +136,7 @@ where
             Kind::Peeked { prefix, end, rest } => {
                 prefix.len() == 0
                     && end.is_none()
-                    && rest.as_ref().map_or(true, |b| b.is_end_stream())
+                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
         }
     }

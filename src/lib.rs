@@ -151,10 +151,10 @@ mod layer;
 mod lifecycle_tests;
 mod peek;
 mod replay;
+mod report;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
-mod report;
 mod service;
 mod wake;
 mod warm;

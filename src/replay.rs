@@ -174,7 +174,7 @@ where
         match &self.kind {
             Kind::Replay { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Stream { prefix, rest } => {
-                prefix.is_empty() && rest.as_ref().map_or(true, |b| b.is_end_stream())
+                prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
         }
     }

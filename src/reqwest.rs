@@ -75,7 +75,8 @@ impl From<::reqwest::Client> for ReqwestService {
 
 /// The response future of [`ReqwestService`].
 pub struct ReqwestFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Response<::reqwest::Body>, ::reqwest::Error>> + Send>>,
+    inner:
+        Pin<Box<dyn Future<Output = Result<Response<::reqwest::Body>, ::reqwest::Error>> + Send>>,
 }
 
 impl std::fmt::Debug for ReqwestFuture {
@@ -110,8 +111,13 @@ pub(crate) fn to_http_response(response: ::reqwest::Response) -> Response<::reqw
     use ::reqwest::ResponseBuilderExt;
     let url = response.url().clone();
     let mut response = Response::from(response);
-    let carrier = http::Response::builder().url(url).body(()).unwrap_or_default();
-    response.extensions_mut().extend(carrier.into_parts().0.extensions);
+    let carrier = http::Response::builder()
+        .url(url)
+        .body(())
+        .unwrap_or_default();
+    response
+        .extensions_mut()
+        .extend(carrier.into_parts().0.extensions);
     response
 }
 

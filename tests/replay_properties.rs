@@ -38,7 +38,7 @@ fn run(body: Vec<u8>, cuts: Vec<usize>, trailers: bool) -> (Seen, u32) {
             // means `Content-Length`, which cannot carry trailers.
             let data = collected.to_bytes();
             let len = data.len() as u64;
-            assert!(hint.lower() <= len && hint.upper().map_or(true, |u| len <= u));
+            assert!(hint.lower() <= len && hint.upper().is_none_or(|u| len <= u));
             if trailers.is_some() {
                 assert_eq!(hint.exact(), None, "trailers need chunked framing");
             }

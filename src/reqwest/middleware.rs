@@ -23,8 +23,9 @@ use crate::{BoxError, ColdStartRetry, ColdStartRetryLayer, RequestBody};
 /// `.with`, so it runs inside it): a cold start is then waited out here,
 /// within one of reqwest-retry's attempts, and only what is not a cold start
 /// reaches reqwest-retry. The other way round, reqwest-retry sees every
-/// loading `503` first and retries it on its own short backoff, each of its
-/// attempts starting a fresh cold-start wait here.
+/// loading `503` first and retries it on its own short backoff: each request
+/// the layer sends becomes several (four with three retries), and the
+/// layer's pace and coalescing are undone.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
 pub struct ColdStartMiddleware {
@@ -54,8 +55,11 @@ struct Rest<'a> {
     last: Arc<Mutex<Option<Extensions>>>,
 }
 
-type RestFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Response<reqwest::Body>, reqwest_middleware::Error>> + Send + 'a>>;
+type RestFuture<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<Response<reqwest::Body>, reqwest_middleware::Error>> + Send + 'a,
+    >,
+>;
 
 impl<'a> Service<Request<RequestBody<reqwest::Body>>> for Rest<'a> {
     type Response = Response<reqwest::Body>;
@@ -125,7 +129,8 @@ impl Middleware for ColdStartMiddleware {
             extensions: extensions.clone(),
             last: Arc::clone(&last),
         };
-        let mut service = ColdStartRetry::with_config(rest, std::sync::Arc::clone(&self.layer.config));
+        let mut service =
+            ColdStartRetry::with_config(rest, std::sync::Arc::clone(&self.layer.config));
         // `Rest` is always ready.
         let answer = service.call(req).await;
         if let Some(last) = last.lock().unwrap_or_else(|e| e.into_inner()).take() {
