@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tower::BoxError;
 use tower_cold_start::reqwest::ColdStartMiddleware;
-use tower_cold_start::{classifier, ColdStartReport, ColdStartRetryLayer};
+use tower_cold_start::{classifier, key, ColdStartReport, ColdStartRetryLayer};
 
 const COLD_FOR: Duration = Duration::from_secs(3);
 
@@ -64,10 +64,7 @@ async fn main() -> Result<(), BoxError> {
     let layer = ColdStartRetryLayer::new()
         .classifier(classifier::Vllm)
         // One URL serves many models: coalesce by the body's `model`.
-        .model_key(|_uri, _headers, body| {
-            let json: serde_json::Value = serde_json::from_slice(body).ok()?;
-            Some(json.get("model")?.as_str()?.to_owned())
-        })
+        .model_key(key::json_field("model"))
         .on_retry(move |event| {
             let at = start.elapsed().as_secs_f64();
             if event.behind_probe() {

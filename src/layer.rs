@@ -139,8 +139,9 @@ impl fmt::Debug for Config {
 
 /// Wraps a service in [`ColdStartRetry`]: it waits out model cold starts.
 ///
-/// `ColdStartRetryLayer::new()` (or `Default`) is set for the HuggingFace
-/// Inference API; each setter below says its default.
+/// `ColdStartRetryLayer::new()` (or `Default`) waits out the cold-start
+/// answers of every server in [`KnownServers`](crate::classifier::KnownServers)
+/// and passes everything else through; each setter below says its default.
 ///
 /// ```
 /// use std::time::Duration;
@@ -158,7 +159,8 @@ pub struct ColdStartRetryLayer {
 }
 
 impl ColdStartRetryLayer {
-    /// A layer with the HuggingFace defaults.
+    /// A layer with the defaults: every known server's cold-start answer is
+    /// waited out, refused connections fail at once.
     pub fn new() -> Self {
         Self::default()
     }
@@ -264,7 +266,8 @@ impl ColdStartRetryLayer {
 
     /// Sets which responses are cold starts, what wait they hint and how to ask for a hold.
     ///
-    /// Default: [`HuggingFace`](crate::classifier::HuggingFace); see [`classifier`](crate::classifier) for the others.
+    /// Default: [`KnownServers`](crate::classifier::KnownServers), every server's exact marker; see
+    /// [`classifier`](crate::classifier) for the others.
     pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
         let config = self.config_mut();
         config.classifier = crate::classifier::Shared(Arc::new(classifier));
@@ -294,7 +297,8 @@ impl ColdStartRetryLayer {
     /// Note that a large upload is then sent twice at most, not once per poll.
     ///
     /// Default: the classifier's (`/health` for TGI, TEI and vLLM;
-    /// `/v2/models/<name>/ready` for KServe and Triton; none for the rest).
+    /// `/v2/models/<name>/ready` for KServe and Triton; none for the rest,
+    /// the default `KnownServers` included).
     pub fn readiness_route<F>(mut self, route: F) -> Self
     where
         F: Fn(&Uri) -> Option<Uri> + Send + Sync + 'static,
@@ -310,7 +314,8 @@ impl ColdStartRetryLayer {
     /// the server; a timeout or a reset reaches the caller as it is.
     ///
     /// Default: as the classifier says (the built-ins for servers users run:
-    /// yes; `HuggingFace` and `InferenceEndpoints`: no, fail fast).
+    /// yes; the default `KnownServers`, `HuggingFace` and
+    /// `InferenceEndpoints`: no, so a wrong URL fails fast).
     pub fn retry_refused(mut self, retry_refused: bool) -> Self {
         let config = self.config_mut();
         config.retry_refused = Some(retry_refused);
@@ -342,17 +347,14 @@ impl ColdStartRetryLayer {
     /// and that a request for which it returns `None` waits out a cold start alone.
     ///
     /// Default: the URI's scheme, authority and path (HuggingFace's `/models/{id}`).
-    /// Key by the body's `model` where one URL serves many models:
+    /// Key by the body's `model` where one URL serves many models, as OpenAI-style servers do,
+    /// with [`key::json_field`](crate::key::json_field):
     ///
     /// ```
-    /// use tower_cold_start::ColdStartRetryLayer;
+    /// use tower_cold_start::{key, ColdStartRetryLayer};
     ///
     /// // `POST /v1/chat/completions` with `{"model": "...", ...}`
-    /// let layer = ColdStartRetryLayer::new().model_key(|uri, _headers, body| {
-    ///     let json: serde_json::Value = serde_json::from_slice(body).ok()?;
-    ///     let model = json.get("model")?.as_str()?.to_owned();
-    ///     Some((uri.authority()?.to_string(), model))
-    /// });
+    /// let layer = ColdStartRetryLayer::new().model_key(key::json_field("model"));
     /// ```
     pub fn model_key<F, K>(mut self, key: F) -> Self
     where

@@ -1,21 +1,24 @@
 //! A [tower] layer that makes HTTP clients survive model cold starts.
 //!
 //! Model servers unload idle models and endpoints scale to zero. The next
-//! request meets a *cold start*; the HuggingFace Inference API, for one,
-//! answers
+//! request meets a *cold start*; llama.cpp's `llama-server`, for one,
+//! answers every route while its model loads with
 //!
 //! ```text
 //! HTTP/1.1 503 Service Unavailable
-//! Content-Type: application/json
+//! Content-Type: application/json; charset=utf-8
 //!
-//! {"error":"Model distilbert/distilbert-base-uncased-finetuned-sst-2-english is currently loading","estimated_time":20.0}
+//! {"error":{"message":"Loading model","type":"unavailable_error","code":503}}
 //! ```
 //!
-//! That is not a failure: the model will answer in a few seconds.
-//! [`ColdStartRetryLayer`] recognises the answer, sends the request again with
-//! the same bytes, asking the server to hold it until the model is ready, and
-//! polls a server that does not hold, all within bounds you set. Everything
-//! else passes through untouched.
+//! and the HuggingFace serverless API with `503 {"error":"Model … is
+//! currently loading","estimated_time":20.0}`. That is not a failure: the
+//! model will answer in a few seconds. [`ColdStartRetryLayer`] recognises
+//! the answers of every server in [`classifier::KnownServers`] (HuggingFace,
+//! KServe, Triton, vLLM, TGI, TEI, Ollama, llama.cpp, MLServer, Ray Serve),
+//! sends the request again with the same bytes, asking the server to hold
+//! it where it can, and polls a server that does not hold, all within
+//! bounds you set. Everything else passes through untouched.
 //!
 //! # Example
 //!
@@ -146,6 +149,7 @@ pub mod classifier;
 pub mod future;
 mod gate;
 mod head;
+pub mod key;
 mod layer;
 #[cfg(test)]
 mod lifecycle_tests;

@@ -1,5 +1,5 @@
-//! Rule 2: only the loading 503 is retried; everything else reaches the
-//! caller exactly as the server sent it, after one request.
+//! Only a cold-start answer is retried; everything else reaches the caller
+//! exactly as the server sent it, after one request.
 
 mod support;
 
@@ -55,11 +55,13 @@ async fn rate_limit_429_passes_through_untouched() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn tgi_overload_429_passes_through_untouched() {
+async fn a_400_that_is_read_for_a_marker_and_has_none_passes_through_untouched() {
+    // The default reads 400s (MLServer's "not ready" is one): any other 400
+    // comes back whole.
     assert_passes_through(
-        429,
+        400,
         "application/json",
-        br#"{"error":"Model is overloaded","error_type":"overloaded"}"#,
+        br#"{"error":"Invalid input: expected 4 features, got 3"}"#,
     )
     .await;
 }

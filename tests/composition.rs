@@ -1,4 +1,4 @@
-//! Rule 8: timeouts outside and inside, tower-http layers, HTTP/1 and HTTP/2,
+//! Composition: timeouts outside and inside, tower-http layers, HTTP/1 and HTTP/2,
 //! and the request body types users have (including a proxy's).
 
 mod support;

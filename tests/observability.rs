@@ -1,4 +1,4 @@
-//! Rule 6: one tracing event and one hook call per wait, with the same facts,
+//! Observability: one tracing event and one hook call per wait, with the same facts,
 //! and never a header value.
 //!
 //! The tracing test has this binary (nearly) to itself: tracing caches each

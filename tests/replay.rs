@@ -1,4 +1,4 @@
-//! Rule 1: every attempt sends the same request; a body over the limit is
+//! Replay: every attempt sends the same request; a body over the limit is
 //! sent once, intact.
 
 mod support;

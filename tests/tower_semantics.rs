@@ -1,4 +1,4 @@
-//! Rule 7: readiness, clone-and-swap, cancellation.
+//! tower semantics: readiness, clone-and-swap, cancellation.
 
 mod support;
 

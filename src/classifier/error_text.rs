@@ -1,17 +1,20 @@
-//! The general classifier: a status, and a text the JSON error contains.
+//! The general classifier: a status, and a text the error message contains.
 
+use http::header::CONTENT_TYPE;
 use http::StatusCode;
 use serde_json::Value;
 
 use super::{starts_an_object, Classify, ColdStart, Hint, Hold, ResponseView};
 
-/// A cold start is an answer with one of these statuses whose JSON error
-/// contains this text, wherever the server puts it: `error` (a string),
-/// `error.message`, `message` or `detail`. Covers a server the built-ins do
+/// A cold start is an answer with one of these statuses whose error message
+/// contains this text, wherever the server puts it: in a JSON object's
+/// `error` (a string), `error.message`, `message` or `detail`, or anywhere
+/// in a `text/plain` body (Ray Serve's). Covers a server the built-ins do
 /// not, in one line.
 ///
-/// The text is matched as written (case and all). Anything that is not a
-/// JSON object, or says something else, is not a cold start.
+/// The text is matched as written (case and all). Anything else (HTML, a
+/// JSON array or string, text that is not UTF-8, a body of no declared
+/// type that is not a JSON object) is not a cold start.
 ///
 /// ```
 /// use tower_cold_start::classifier::ErrorText;
@@ -70,36 +73,39 @@ impl ErrorText {
         self.refused = refused;
         self
     }
-
-    /// Whether `body`'s error contains the text.
-    pub(crate) fn says(&self, body: &[u8]) -> bool {
-        error_texts(body)
-            .iter()
-            .any(|t| t.contains(self.text.as_str()))
-    }
 }
 
-/// The strings a JSON error puts where servers put their message:
-/// `error` (a string), `error.message`, `message`, `detail`. Empty for
-/// anything that is not a JSON object.
-pub(crate) fn error_texts(body: &[u8]) -> Vec<String> {
-    if !starts_an_object(body) {
-        return Vec::new();
+/// Whether the response's error message contains `text`: a JSON object's
+/// `error` (a string), `error.message`, `message` or `detail`, or a
+/// `text/plain` body (UTF-8) as a whole. The one reader of error messages
+/// for [`ErrorText`] and the built-ins.
+pub(crate) fn error_says(response: &ResponseView<'_>, text: &str) -> bool {
+    let body = response.body;
+    if starts_an_object(body) {
+        let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
+            return false;
+        };
+        let error = object.get("error");
+        return [
+            error,
+            error.and_then(|e| e.get("message")),
+            object.get("message"),
+            object.get("detail"),
+        ]
+        .into_iter()
+        .any(|value| matches!(value, Some(Value::String(t)) if t.contains(text)));
     }
-    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let mut texts = Vec::new();
-    let mut push = |value: Option<&Value>| {
-        if let Some(Value::String(text)) = value {
-            texts.push(text.clone());
-        }
-    };
-    push(object.get("error"));
-    push(object.get("error").and_then(|e| e.get("message")));
-    push(object.get("message"));
-    push(object.get("detail"));
-    texts
+    plain_text(response).is_some_and(|t| t.contains(text))
+}
+
+/// The body of a `text/plain` response, if it is UTF-8.
+fn plain_text<'a>(response: &ResponseView<'a>) -> Option<&'a str> {
+    let kind = response.headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let essence = kind.split(';').next()?.trim();
+    if !essence.eq_ignore_ascii_case("text/plain") {
+        return None;
+    }
+    std::str::from_utf8(response.body).ok()
 }
 
 impl Classify for ErrorText {
@@ -108,7 +114,7 @@ impl Classify for ErrorText {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        (self.statuses.contains(&response.status) && self.says(response.body))
+        (self.statuses.contains(&response.status) && error_says(response, &self.text))
             .then(|| ColdStart::new(self.hint).with_hold(self.hold))
     }
 
@@ -124,9 +130,32 @@ impl Classify for ErrorText {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classifier::test_support::view;
+    use crate::classifier::test_support::{headers, view};
     use http::HeaderMap;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_plain_text_body_is_read_whole_and_other_types_are_not() {
+        let c = ErrorText::new([503], "backpressure");
+        let body =
+            b"Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).";
+        for kind in [
+            "text/plain; charset=utf-8",
+            "text/plain",
+            "Text/Plain;charset=UTF-8",
+        ] {
+            let h = headers(&[("content-type", kind)]);
+            assert!(c.classify(&view(503, &h, body)).is_some(), "{kind}");
+        }
+        for kind in [None, Some("text/html"), Some("application/octet-stream")] {
+            let h = kind.map_or_else(HeaderMap::new, |k| headers(&[("content-type", k)]));
+            assert!(c.classify(&view(503, &h, body)).is_none(), "{kind:?}");
+        }
+        let h = headers(&[("content-type", "text/plain")]);
+        let not_utf8 = b"backpressure \xff\xfe";
+        assert!(c.classify(&view(503, &h, not_utf8)).is_none());
+        assert!(c.classify(&view(503, &h, b"other")).is_none());
+    }
 
     #[test]
     fn the_text_is_found_wherever_servers_put_it() {

@@ -2,8 +2,8 @@
 
 use http::StatusCode;
 
-use super::error_text::ErrorText;
-use super::{Classify, ColdStart, ResponseView};
+use super::error_text::error_says;
+use super::{Classify, ColdStart, Hint, ResponseView};
 
 /// KServe's model server while a model loads: `503`
 /// `{"error":"Model with name <name> is not ready."}`, on the v1
@@ -19,9 +19,8 @@ use super::{Classify, ColdStart, ResponseView};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KServe;
 
-fn not_ready() -> ErrorText {
-    ErrorText::new([503], "is not ready")
-}
+/// What KServe's `ModelNotReady` (and its "Server is not ready.") says.
+pub(super) const NOT_READY: &str = "is not ready";
 
 impl Classify for KServe {
     fn may_be_cold_start(&self, status: StatusCode, _held: bool) -> bool {
@@ -29,7 +28,8 @@ impl Classify for KServe {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        not_ready().classify(response)
+        (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, NOT_READY))
+            .then(|| ColdStart::new(Hint::Unknown))
     }
 
     fn retries_refused(&self) -> bool {

@@ -1,14 +1,17 @@
-//! Deciding which responses are cold starts, for HuggingFace and beyond.
+//! Deciding which responses are cold starts, for every server users run.
 //!
 //! A [`Classify`] looks at a response that is not a success (its status, its
 //! headers, and at most the first 4 KiB of its body) and says whether it is a
 //! cold start, what wait the server hints, and how to ask the server to hold
 //! the retry. [`ColdStartRetryLayer::classifier`](crate::ColdStartRetryLayer::classifier)
-//! installs one; the default is [`HuggingFace`]. Classifiers combine with
-//! [`Classify::or`], and [`from_fn`] makes one of a closure.
+//! installs one; the default is [`KnownServers`], every exact marker of the
+//! built-ins below (and no refused connections, no readiness routes).
+//! Classifiers combine with [`Classify::or`], and [`from_fn`] makes one of a
+//! closure.
 //!
 //! | built-in | recognises | wait | hold header on retries |
 //! |---|---|---|---|
+//! | [`KnownServers`] (default) | every exact marker below: HuggingFace, KServe, Triton's `503`, vLLM's `Server is unavailable`, TGI, TEI, Ollama, llama.cpp, MLServer, Ray Serve | each server's | HuggingFace's, after its answers |
 //! | [`HuggingFace`] | `503` `{"error":"… is currently loading","estimated_time":…}`; `500` `Model too busy` after a hold | `estimated_time` | `x-wait-for-model: true` |
 //! | [`InferenceEndpoints`] | `503` or `502` from the endpoint proxy while a replica boots | `Retry-After` if sent | `X-Scale-Up-Timeout: <seconds left>` |
 //! | [`TgiOverloaded`] | `429` `{"error_type":"overloaded"}` from text-generation-inference | exponential backoff | none |
@@ -18,7 +21,10 @@
 //! | [`Vllm`] | `503` `Server is unavailable…` or sleeping; refused connections | poll, via `/health` | none |
 //! | [`Tei`] | `429` `"error_type":"Overloaded"`; refused connections | exponential backoff | none |
 //! | [`Ollama`] | `503` `… maximum pending requests exceeded`; refused connections | exponential backoff | none |
-//! | [`ErrorText`] | your statuses and text | poll, or your hint | yours |
+//! | [`LlamaCpp`] | `503` `{"error":{"message":"Loading model",…}}`; refused connections | poll | none |
+//! | [`MlServer`] | `400` `… is not ready yet.`; refused connections | poll | none |
+//! | [`RayServe`] | `503`/`429` text `Request dropped due to backpressure`; refused connections | poll, or `Retry-After` | none |
+//! | [`ErrorText`] | your statuses and text (JSON or `text/plain`) | poll, or your hint | yours |
 //!
 //! ```
 //! use tower_cold_start::classifier::{self, Classify, ColdStart, HuggingFace, Hint, RetryAfter};
@@ -42,8 +48,12 @@ use http::StatusCode;
 mod endpoints;
 mod error_text;
 mod huggingface;
+mod known;
 mod kserve;
+mod llama_cpp;
+mod mlserver;
 mod ollama;
+mod ray_serve;
 mod retry_after;
 mod tei;
 mod tgi;
@@ -53,8 +63,12 @@ mod vllm;
 pub use endpoints::InferenceEndpoints;
 pub use error_text::ErrorText;
 pub use huggingface::HuggingFace;
+pub use known::KnownServers;
 pub use kserve::KServe;
+pub use llama_cpp::LlamaCpp;
+pub use mlserver::MlServer;
 pub use ollama::Ollama;
+pub use ray_serve::RayServe;
 pub use retry_after::RetryAfter;
 pub use tei::Tei;
 pub use tgi::TgiOverloaded;
@@ -229,7 +243,23 @@ impl Hold {
 
 /// Decides which responses are cold starts. See the [module docs](self).
 ///
-/// Implemented by the built-ins, by [`Or`] and by [`FromFn`].
+/// Implemented by the built-ins, by [`Or`] and by [`FromFn`]. A closure is
+/// not a classifier by itself: wrap it in [`from_fn`].
+///
+/// ```compile_fail
+/// use tower_cold_start::classifier::{ColdStart, Hint};
+/// use tower_cold_start::ColdStartRetryLayer;
+///
+/// // error[E0282]: type annotations needed; wrap the closure in `classifier::from_fn`.
+/// let layer = ColdStartRetryLayer::new()
+///     .classifier(|response| (response.status() == 425).then(|| ColdStart::new(Hint::Unknown)));
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a cold-start classifier",
+    label = "not a `Classify`",
+    note = "a closure becomes one with `tower_cold_start::classifier::from_fn(|response| ...)`",
+    note = "the built-ins (`KnownServers`, `HuggingFace`, `LlamaCpp`, ...) combine with `.or(...)`"
+)]
 pub trait Classify: Send + Sync + 'static {
     /// Whether a response with this status may be a cold start, so that its
     /// body is worth reading (up to 4 KiB). Successes are never shown.
@@ -405,7 +435,7 @@ impl Shared {
 
 impl Default for Shared {
     fn default() -> Self {
-        Shared(std::sync::Arc::new(HuggingFace))
+        Shared(std::sync::Arc::new(KnownServers))
     }
 }
 

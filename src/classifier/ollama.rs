@@ -2,8 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::ErrorText;
+use super::error_text::error_says;
 use super::{Classify, ColdStart, Hint, ResponseView};
+
+/// What Ollama's `ErrMaxQueue` says.
+pub(super) const QUEUE_FULL: &str = "maximum pending requests exceeded";
 
 /// Ollama over `OLLAMA_MAX_QUEUE` (512 by default): `503`
 /// `{"error":"server busy, please try again.  maximum pending requests exceeded"}`
@@ -25,9 +28,8 @@ impl Classify for Ollama {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        ErrorText::new([503], "maximum pending requests exceeded")
-            .hint(Hint::Backoff)
-            .classify(response)
+        (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, QUEUE_FULL))
+            .then(|| ColdStart::new(Hint::Backoff))
     }
 
     fn retries_refused(&self) -> bool {

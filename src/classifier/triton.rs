@@ -2,8 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::ErrorText;
-use super::{Classify, ColdStart, ResponseView};
+use super::error_text::error_says;
+use super::{Classify, ColdStart, Hint, ResponseView};
+
+/// What Triton says of a model version that is not ready.
+pub(super) const NOT_AT_READY_STATE: &str = "is not at ready state";
 
 /// Triton while a model (or one version of it) loads: `503`
 /// `{"error":"'<model>' version <n> is not at ready state"}`. Polled, no
@@ -25,8 +28,8 @@ pub struct Triton {
 
 impl Triton {
     /// `503` "is not at ready state"; a `404` passes through.
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Triton { not_found: false }
     }
 
     /// Also waits on a `404` whose error says the model "has no available
@@ -44,11 +47,14 @@ impl Classify for Triton {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        let loading = ErrorText::new([503], "is not at ready state").classify(response);
-        if loading.is_some() || !self.not_found {
-            return loading;
-        }
-        ErrorText::new([404], "has no available versions").classify(response)
+        let loading = match response.status {
+            StatusCode::SERVICE_UNAVAILABLE => error_says(response, NOT_AT_READY_STATE),
+            StatusCode::NOT_FOUND if self.not_found => {
+                error_says(response, "has no available versions")
+            }
+            _ => false,
+        };
+        loading.then(|| ColdStart::new(Hint::Unknown))
     }
 
     fn retries_refused(&self) -> bool {

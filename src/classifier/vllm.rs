@@ -2,8 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::ErrorText;
-use super::{Classify, ColdStart, ResponseView};
+use super::error_text::error_says;
+use super::{Classify, ColdStart, Hint, ResponseView};
+
+/// What vLLM's `ServiceUnavailableMiddleware` says.
+pub(super) const UNAVAILABLE: &str = "Server is unavailable. Please try again later.";
 
 /// vLLM while it cannot serve yet: `503`
 /// `{"error":"Server is unavailable. Please try again later."}` while it
@@ -25,9 +28,10 @@ impl Classify for Vllm {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        ErrorText::new([503], "Server is unavailable. Please try again later.")
-            .classify(response)
-            .or_else(|| ErrorText::new([503], "sleeping").classify(response))
+        let says = |text| error_says(response, text);
+        (response.status == StatusCode::SERVICE_UNAVAILABLE
+            && (says(UNAVAILABLE) || says("sleeping")))
+        .then(|| ColdStart::new(Hint::Unknown))
     }
 
     fn retries_refused(&self) -> bool {

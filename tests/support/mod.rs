@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod hf_server;
+pub mod wire;
 
 use bytes::Bytes;
 use http::Response;
