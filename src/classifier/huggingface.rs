@@ -13,7 +13,7 @@ use super::{Classify, ColdStart, Hint, Hold, ResponseView};
 /// The header that asks HuggingFace to hold a request until the model is loaded.
 pub(crate) static X_WAIT_FOR_MODEL: HeaderName = HeaderName::from_static("x-wait-for-model");
 
-/// The HuggingFace serverless Inference API (the default).
+/// The HuggingFace serverless Inference API (part of the default, [`KnownServers`](super::KnownServers)).
 ///
 /// A `503` whose JSON `error` says the model `is currently loading` (wait:
 /// its `estimated_time`); and a `500` `Model too busy` for a request that
@@ -28,7 +28,7 @@ pub(crate) static X_WAIT_FOR_MODEL: HeaderName = HeaderName::from_static("x-wait
 /// ```
 /// use tower_cold_start::classifier::HuggingFace;
 /// use tower_cold_start::ColdStartRetryLayer;
-/// // The same as `ColdStartRetryLayer::new()`.
+/// // The HuggingFace answers alone (the default also knows other servers').
 /// let layer = ColdStartRetryLayer::new().classifier(HuggingFace);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
