@@ -24,7 +24,7 @@ use crate::gate::{Company, Gate, Probe, Registry, Snapshot};
 use crate::head::Head;
 use crate::layer::Config;
 use crate::peek::Peek;
-use crate::replay::{Allowance, Buffered, Buffering};
+use crate::replay::{Allowance, Asked, Buffered, Buffering};
 use crate::wake::{self, Answer};
 use crate::{
     BoxError, ColdStartReport, RequestBody, ResponseBody, RetryEvent, Unbuffered, Unreachable,
@@ -112,6 +112,10 @@ pub(crate) struct Call<S, ReqBody> {
     check_next: bool,
     // Readiness checks sent.
     checks: u32,
+    // Whether a client asked the body of the request in flight for its
+    // data (kept only where a refused connection may be retried: it is the
+    // proof that the refusal was of the request's own first connection).
+    asked: Option<Asked>,
     _body: PhantomData<fn() -> ReqBody>,
 }
 
@@ -227,6 +231,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
             met_unreachable: false,
             check_next: false,
             checks: 0,
+            asked: None,
             _body: PhantomData,
         }
     }
@@ -522,7 +527,11 @@ impl<S, ReqBody> Call<S, ReqBody> {
             }
             Kept::Spent => return None,
         };
-        let mut req = Request::from_parts(parts, RequestBody::replay(&self.body));
+        // Watched only where a refusal may be retried: a refusal of this
+        // attempt proves nothing unless the body was never asked for.
+        self.asked = (self.config.retries_refused && !last_possible).then(Asked::default);
+        let mut req =
+            Request::from_parts(parts, RequestBody::replay(&self.body, self.asked.clone()));
         hold.apply(req.headers_mut(), self.remaining());
         let held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
         let attempt = Attempt {
@@ -572,7 +581,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
         ] {
             parts.headers.remove(name);
         }
-        let req = Request::from_parts(parts, RequestBody::replay(&Buffered::default()));
+        let req = Request::from_parts(parts, RequestBody::replay(&Buffered::default(), None));
         self.checks += 1;
         if let Some(probe) = &self.probe {
             probe.gate().asked_now();
@@ -655,12 +664,17 @@ where
             self.unreachable = answer.is_err();
             return self.checked(answer.is_ok_and(|r| r.status().is_success()), attempt);
         }
+        let asked = self.asked.take();
         let response = match answer {
             Ok(response) => response,
             Err(error) => {
                 let error: BoxError = error.into();
                 let retryable = matches!(self.request, Kept::Copy(_));
-                if retryable && self.config.retries_refused && refused(&*error) {
+                // Only a refusal of the request's own first connection: a
+                // client that asked for the body had a connection (a
+                // redirect's later hop may be what refused).
+                let unsent = asked.is_some_and(|asked| !asked.was_asked());
+                if retryable && unsent && refused(&*error) {
                     // Nothing reached the server: it is still booting.
                     let snapshot = Arc::new(unreachable(error));
                     return self.cold_start(snapshot, &ColdStart::new(Hint::Unknown), attempt);

@@ -310,8 +310,9 @@ impl ColdStartRetryLayer {
     /// Sets whether a refused connection is waited out and retried, as a
     /// server that is still booting.
     ///
-    /// Note that only a refused connection proves the request never reached
-    /// the server; a timeout or a reset reaches the caller as it is.
+    /// Note that only a refusal of the request's own first connection proves
+    /// it never reached a server; a refused redirect hop, a timeout or a reset
+    /// reaches the caller as it is.
     ///
     /// Default: as the classifier says (the built-ins for servers users run:
     /// yes; the default `KnownServers`, `HuggingFace` and

@@ -91,9 +91,12 @@
 //!   the budget cannot cover is not slept: the answer goes back at once.
 //! - **Unreachable.** Where the classifier (or
 //!   [`retry_refused`](ColdStartRetryLayer::retry_refused)) says so, a
-//!   refused connection (nothing reached the server) is a server still
-//!   booting, waited out like a loading answer. Any other error, a timeout
-//!   or a reset included, reaches the caller as it is.
+//!   refused connection is a server still booting, waited out like a
+//!   loading answer, but only the request's own first connection: one for
+//!   which the client never asked the request body for a byte, so nothing
+//!   reached any server. A refused redirect hop (the first server processed
+//!   the request), a timeout, a reset, and every other error of the inner
+//!   service reach the caller as they are.
 //! - **Bounds.** No attempt starts and no wait runs later than
 //!   [`max_total_wait`](ColdStartRetryLayer::max_total_wait) after the first
 //!   loading answer, nor past [`max_attempts`](ColdStartRetryLayer::max_attempts);
@@ -112,7 +115,7 @@
 //!   ready service and leaves a clone; each retry polls it ready again.
 //!   Dropping the response future at any point cancels the call, and a probe
 //!   it held passes to a waiter. Errors of the inner service reach the caller
-//!   as they are, never retried.
+//!   as they are, save the refused first connection above.
 //!
 //! # Timeouts
 //!

@@ -3,7 +3,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -72,10 +73,13 @@ pub struct RequestBody<B> {
 }
 
 enum Kind<B> {
-    /// A buffered body: the whole data and the trailers, if any.
+    /// A buffered body: the whole data and the trailers, if any; `asked`,
+    /// when the call may retry a refused connection, says whether a client
+    /// asked for the body (see [`Asked`]).
     Replay {
         data: Option<Bytes>,
         trailers: Option<Box<HeaderMap>>,
+        asked: Option<Asked>,
     },
     /// An unbuffered body: the chunks read before the limit was passed, then
     /// the caller's body itself.
@@ -85,24 +89,51 @@ enum Kind<B> {
     },
 }
 
+/// Whether a client asked an attempt's body for its data or its end.
+///
+/// A client asks only on a connection it has opened, to write the request;
+/// so an attempt that failed with its body never asked provably sent no byte
+/// of the request, and a refused connection is then the request's own
+/// first connection. A client that follows a redirect (reqwest, tower-http's
+/// `FollowRedirect`) asks on the first hop, before a later hop can be
+/// refused.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Asked(Arc<AtomicBool>);
+
+impl Asked {
+    /// Whether the body was asked for.
+    pub(crate) fn was_asked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn now(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl<B> RequestBody<B> {
-    pub(crate) fn replay(buffered: &Buffered) -> Self {
+    /// A replay of `buffered`; `asked` records whether a client asked for it.
+    pub(crate) fn replay(buffered: &Buffered, asked: Option<Asked>) -> Self {
         RequestBody {
             kind: Kind::Replay {
                 data: buffered.data.clone().filter(|d| !d.is_empty()),
                 trailers: buffered.trailers.clone(),
+                asked,
             },
         }
     }
 
     /// The whole body as bytes, if it is a buffered one without trailers
-    /// (what a client can send as in-memory bytes, with `Content-Length`).
+    /// (what a client can send as in-memory bytes, with `Content-Length`)
+    /// that needs no watching: a body that records whether a client asked
+    /// for it must be streamed, so that the asking is seen.
     #[cfg(feature = "reqwest")]
     pub(crate) fn into_bytes(self) -> Result<Bytes, Self> {
         match self.kind {
             Kind::Replay {
                 data,
                 trailers: None,
+                asked: None,
             } => Ok(data.unwrap_or_default()),
             kind => Err(RequestBody { kind }),
         }
@@ -118,10 +149,18 @@ impl<B> RequestBody<B> {
     }
 }
 
+/// An empty body: what tower-http's `FollowRedirect` sends on a redirect
+/// that drops the body (`303`, or `301`/`302` after a `POST`).
+impl<B> Default for RequestBody<B> {
+    fn default() -> Self {
+        RequestBody::replay(&Buffered::default(), None)
+    }
+}
+
 impl<B> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Replay { data, trailers } => f
+            Kind::Replay { data, trailers, .. } => f
                 .debug_struct("RequestBody::Replay")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .field("trailers", &trailers.is_some())
@@ -148,7 +187,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            Kind::Replay { data, trailers } => {
+            Kind::Replay {
+                data,
+                trailers,
+                asked,
+            } => {
+                if let Some(asked) = asked {
+                    asked.now();
+                }
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -172,7 +218,16 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Replay {
+                data,
+                trailers,
+                asked,
+            } => {
+                if let Some(asked) = asked {
+                    asked.now();
+                }
+                data.is_none() && trailers.is_none()
+            }
             Kind::Stream { prefix, rest } => {
                 prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
@@ -181,7 +236,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Replay { data, trailers } => {
+            Kind::Replay { data, trailers, .. } => {
                 let len = data.as_ref().map_or(0, |d| d.len() as u64);
                 if trailers.is_none() {
                     return SizeHint::with_exact(len);

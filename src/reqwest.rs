@@ -45,10 +45,15 @@ use crate::{BoxError, RequestBody};
 /// A `reqwest::Client` as a tower service, to put under the layer.
 ///
 /// A replayed body goes to reqwest as in-memory bytes: it keeps its
-/// `Content-Length`, and reqwest can clone it for its own protocol retries.
-/// Only a body over the layer's limit (or with trailers) is streamed. An
-/// error is reqwest's own (`downcast_ref::<reqwest::Error>()` on the
-/// layer's boxed error), and the response keeps its URL.
+/// `Content-Length`, and reqwest can clone it for its own protocol retries
+/// and to follow a `307`/`308`. It is streamed (still with its
+/// `Content-Length`) when it is over the layer's limit, has trailers, or
+/// when the layer may retry a refused connection: only a streamed body
+/// shows whether reqwest opened a connection for it, which is what tells
+/// the request's own refused connection from a refused redirect hop. reqwest
+/// then hands a `307`/`308` back rather than follow it. An error is
+/// reqwest's own (`downcast_ref::<reqwest::Error>()` on the layer's boxed
+/// error), and the response keeps its URL.
 #[derive(Debug, Clone)]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub struct ReqwestService {
