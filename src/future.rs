@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::call::{Attempt, Call, Step, Wait};
@@ -51,6 +52,13 @@ pin_project! {
             future: F,
             attempt: Attempt,
         },
+        // Waiting for the answer to a readiness check, until its deadline.
+        Checking {
+            #[pin]
+            future: F,
+            attempt: Attempt,
+            deadline: Pin<Box<Sleep>>,
+        },
         // Reading the start of a response that may be a cold start. Boxed,
         // like the wait: the warm path never gets here, and every state
         // change moves the whole enum.
@@ -64,10 +72,7 @@ pin_project! {
             wait: Box<Wait>,
         },
         // Waiting for the inner service to be ready for the next attempt.
-        Readying {
-            // The service made us wait: the budget must be checked again.
-            delayed: bool,
-        },
+        Readying,
         // The response has been returned.
         Done,
     }
@@ -106,9 +111,14 @@ impl<F, ReqBody, ResBody: Body> State<F, ReqBody, ResBody> {
     ) {
         let state = match step {
             Step::Call(future, attempt) => State::Calling { future, attempt },
+            Step::Check(future, attempt, deadline) => State::Checking {
+                future,
+                attempt,
+                deadline,
+            },
             Step::Peek(peek, attempt) => State::Peeking { peek, attempt },
             Step::Wait(wait) => State::Waiting { wait },
-            Step::Ready => State::Readying { delayed: false },
+            Step::Ready => State::Readying,
             Step::Done(answer) => return (State::Done, Some(answer)),
         };
         (state, None)
@@ -151,12 +161,20 @@ where
                     let woken = ready!(wait.poll_wake(cx, registry, call.key()));
                     call.woken(wait, woken)
                 }
-                StateProj::Readying { delayed } => {
-                    let Poll::Ready(ready) = call.poll_ready(cx) else {
-                        *delayed = true;
-                        return Poll::Pending;
-                    };
-                    call.ready(ready, *delayed)
+                StateProj::Checking {
+                    future,
+                    attempt,
+                    deadline,
+                } => match future.poll(cx) {
+                    Poll::Ready(answer) => call.answered(answer, *attempt),
+                    Poll::Pending => {
+                        ready!(deadline.as_mut().poll(cx));
+                        call.check_timed_out(*attempt)
+                    }
+                },
+                StateProj::Readying => {
+                    let ready = ready!(call.poll_ready(cx));
+                    call.ready(ready)
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             };
@@ -179,9 +197,10 @@ where
         let state = match &self.state {
             State::Buffering { .. } => "reading the request body",
             State::Calling { .. } => "waiting for a response",
+            State::Checking { .. } => "waiting for a readiness check",
             State::Peeking { .. } => "reading a response that may be a cold start",
             State::Waiting { wait } => wait.what(),
-            State::Readying { .. } => "waiting for the service to be ready",
+            State::Readying => "waiting for the service to be ready",
             State::Done => "done",
         };
         let report = self.call.report();

@@ -42,6 +42,10 @@ pub(crate) struct Registry {
     // whose bucket is empty is warm, known without the lock.
     buckets: [AtomicU32; BUCKETS],
     gates: Mutex<HashMap<u64, Arc<Gate>>>,
+    // Models whose readiness route proved wrong (it answered neither ready
+    // nor not ready) or lied (it said ready, then the model answered cold):
+    // their probes send the request itself.
+    untrusted_routes: Mutex<std::collections::HashSet<u64>>,
     hasher: RandomState,
     // Probes and waiters alive, for the life-cycle tests.
     #[cfg(test)]
@@ -115,6 +119,10 @@ pub(crate) struct Snapshot {
     // Whether the server's readiness route tells when this state ends: a
     // model not ready, or a server not up; not overload or a quota.
     pub(crate) checkable: bool,
+    // The poll interval the classifier gave for this server, if any.
+    pub(crate) poll: Option<std::time::Duration>,
+    // When it came: the latest of two answers is the one given back.
+    pub(crate) at: tokio::time::Instant,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -250,7 +258,26 @@ impl Registry {
     pub(crate) fn cold_models(&self) -> usize {
         self.cold.load(Ordering::Relaxed)
     }
+
+    /// Whether the readiness route of `key`'s model may still be used.
+    pub(crate) fn trusts_route(&self, key: u64) -> bool {
+        !lock(&self.untrusted_routes).contains(&key)
+    }
+
+    /// Stops using the readiness route of `key`'s model. The set is bounded:
+    /// past [`UNTRUSTED_ROUTES`] models it starts again empty, so that a
+    /// client of very many models holds no more than that.
+    pub(crate) fn distrust_route(&self, key: u64) {
+        let mut untrusted = lock(&self.untrusted_routes);
+        if untrusted.len() >= UNTRUSTED_ROUTES {
+            untrusted.clear();
+        }
+        untrusted.insert(key);
+    }
 }
+
+/// The most models whose readiness route a registry remembers as wrong.
+const UNTRUSTED_ROUTES: usize = 4096;
 
 impl GateState {
     /// Nobody probes the model or waits for it.
@@ -435,6 +462,8 @@ mod tests {
             estimate: None,
             refused: None,
             checkable: false,
+            poll: None,
+            at: tokio::time::Instant::now(),
         })
     }
 

@@ -169,7 +169,7 @@ mod warm;
 pub use body::ResponseBody;
 pub use layer::ColdStartRetryLayer;
 pub use replay::RequestBody;
-pub use report::{ColdStartReport, RetryEvent, Unbuffered, Unreachable};
+pub use report::{ColdStartReport, GaveUp, RetryEvent, Unbuffered, Unreachable};
 pub use service::ColdStartRetry;
 pub use wake::WaitStrategy;
 pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUpOutcome};

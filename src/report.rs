@@ -18,9 +18,35 @@ use http::Uri;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ColdStartReport {
     attempts: u32,
+    checks: u32,
     waited: Duration,
     unbuffered: Option<Unbuffered>,
     unreachable: bool,
+    gave_up: Option<GaveUp>,
+}
+
+/// Why a call stopped waiting for a cold model: its answer is then the
+/// latest cold-start answer the model gave, as it came (or an
+/// [`Unreachable`] error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GaveUp {
+    /// [`max_total_wait`](crate::ColdStartRetryLayer::max_total_wait) ran
+    /// out, or the wait the server asked for would have outlasted it.
+    Budget,
+    /// [`max_attempts`](crate::ColdStartRetryLayer::max_attempts) requests
+    /// were sent.
+    Attempts,
+}
+
+impl GaveUp {
+    /// The reason in a few words, for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GaveUp::Budget => "the cold-start budget ran out",
+            GaveUp::Attempts => "the attempts ran out",
+        }
+    }
 }
 
 /// Why a call's request body was not buffered, so that the call could not be
@@ -55,10 +81,32 @@ impl ColdStartReport {
     ) -> Self {
         ColdStartReport {
             attempts,
+            checks: 0,
             waited,
             unbuffered,
             unreachable,
+            gave_up: None,
         }
+    }
+
+    pub(crate) fn with_checks(mut self, checks: u32, gave_up: Option<GaveUp>) -> Self {
+        self.checks = checks;
+        self.gave_up = gave_up;
+        self
+    }
+
+    /// How many readiness checks (empty `GET`s of the server's readiness
+    /// route) this call sent while its model was cold; they are not among
+    /// [`attempts`](Self::attempts).
+    pub fn checks(&self) -> u32 {
+        self.checks
+    }
+
+    /// Why this call stopped waiting, if it did: its response is then the
+    /// model's latest cold-start answer. `None` when the response is not a
+    /// cold start (or was not read as one).
+    pub fn gave_up(&self) -> Option<GaveUp> {
+        self.gave_up
     }
 
     /// Whether this call found the model's server unreachable (it refused
@@ -68,7 +116,8 @@ impl ColdStartReport {
         self.unreachable
     }
 
-    /// How many requests were sent upstream for this call, the first included.
+    /// How many times this call's own request was sent upstream, the first
+    /// included (readiness checks are counted apart, in [`checks`](Self::checks)).
     ///
     /// `0` when the call found its model cold, waited for another caller's
     /// probe, and ran out of budget before sending anything: its response is
@@ -130,9 +179,10 @@ impl<'a> RetryEvent<'a> {
         self.model
     }
 
-    /// The attempt that was answered "loading" (1 for the first request).
-    /// For a call waiting behind another's probe: the requests it sent so
-    /// far, `0` if it has sent none.
+    /// The probe that was answered "loading": the requests and readiness
+    /// checks this call sent so far (1 for the first request), so that it
+    /// moves with every poll. For a call waiting behind another's probe: the
+    /// requests it sent so far, `0` if it has sent none.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -171,15 +221,25 @@ impl<'a> RetryEvent<'a> {
 }
 
 /// The error a call ends with when its model's server stayed unreachable
-/// (it refused connections) until the cold-start budget ran out; its
-/// [`source`](std::error::Error::source) is the client's own error for the
-/// latest refused connection.
+/// (it refused connections) until the cold-start budget or the attempts ran
+/// out; its [`source`](std::error::Error::source) is the client's own error
+/// for the latest refused connection.
 #[derive(Debug, Clone)]
-pub struct Unreachable(pub(crate) std::sync::Arc<dyn std::error::Error + Send + Sync>);
+pub struct Unreachable(
+    pub(crate) std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    pub(crate) GaveUp,
+);
+
+impl Unreachable {
+    /// Why the call stopped waiting.
+    pub fn gave_up(&self) -> GaveUp {
+        self.1
+    }
+}
 
 impl std::fmt::Display for Unreachable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("model server unreachable until the cold-start budget ran out")
+        write!(f, "model server unreachable until {}", self.1.as_str())
     }
 }
 

@@ -24,9 +24,15 @@ pub enum WaitStrategy {
     /// goes out at once; one answered sooner shows a server that does not
     /// hold, which is polled send-to-send every second while other callers
     /// wait on the model, and at 1 s, 1.5 s, then every 2 s for a caller
-    /// alone. `Retry-After` ([`Hint::After`]) and backoff ([`Hint::Backoff`])
-    /// are honoured as [`SleepEstimate`](WaitStrategy::SleepEstimate) does.
-    /// `estimated_time` is not used: it is a poor estimate.
+    /// alone: the pace of a hosted API, which counts requests against a
+    /// limit. A server the classifier says is cheap to ask (one users run
+    /// themselves, see [`ColdStart::with_poll_interval`](crate::classifier::ColdStart::with_poll_interval):
+    /// the self-hosted built-ins say 250 ms, and so does a refused
+    /// connection) is polled at that interval instead, so that its model is
+    /// used the moment it is ready. `Retry-After` ([`Hint::After`]) and
+    /// backoff ([`Hint::Backoff`]) are honoured as
+    /// [`SleepEstimate`](WaitStrategy::SleepEstimate) does. `estimated_time`
+    /// is not used: it is a poor estimate.
     #[default]
     Adaptive,
     /// Sleep what the server advises (`estimated_time`, or the classifier's
@@ -51,8 +57,9 @@ const POLL: Duration = Duration::from_secs(1);
 /// The longest poll interval, for a caller alone.
 const POLL_ALONE_MAX: Duration = Duration::from_secs(2);
 
-/// The shortest interval of [`WaitStrategy::FixedInterval`].
-const POLL_FLOOR: Duration = Duration::from_millis(100);
+/// The shortest poll interval: of [`WaitStrategy::FixedInterval`], and of
+/// a classifier's own interval.
+pub(crate) const POLL_FLOOR: Duration = Duration::from_millis(100);
 
 /// The shortest sleep between two attempts, unless `max_wait` is shorter.
 ///
@@ -156,6 +163,8 @@ pub(crate) struct Answer {
     pub(crate) held: bool,
     /// Whether other callers wait on this model for this call's probe.
     pub(crate) company: bool,
+    /// The poll interval the classifier gave for this server, if any.
+    pub(crate) poll: Option<Duration>,
 }
 
 /// The wait before the next request, or `None` when the budget is spent.
@@ -176,19 +185,23 @@ pub(crate) fn next_wait(
         WaitStrategy::Adaptive => match answer.hint {
             Hint::After(_) | Hint::Backoff => return advised(),
             _ if answer.held && answer.took >= HELD => Duration::ZERO,
-            _ => poll_interval(answer),
+            _ => answer
+                .poll
+                .map_or_else(|| poll_interval(answer), |poll| poll.max(POLL_FLOOR)),
         },
     };
     Some(interval.saturating_sub(answer.took).min(remaining))
 }
 
 /// The shortest time between two requests a strategy sends a loading
-/// model: a caller taking over another's probe waits until that long after
-/// the model was last asked.
-pub(crate) fn pace(strategy: WaitStrategy) -> Duration {
+/// model (`poll`: the classifier's interval for its server): a caller
+/// taking over another's probe waits until that long after the model was
+/// last asked.
+pub(crate) fn pace(strategy: WaitStrategy, poll: Option<Duration>) -> Duration {
     match strategy {
         WaitStrategy::FixedInterval(interval) => interval.max(POLL_FLOOR),
-        WaitStrategy::Adaptive | WaitStrategy::SleepEstimate => POLL,
+        WaitStrategy::Adaptive => poll.map_or(POLL, |poll| poll.max(POLL_FLOOR)),
+        WaitStrategy::SleepEstimate => POLL,
     }
 }
 
@@ -220,6 +233,7 @@ mod tests {
             took: Duration::ZERO,
             held: attempt > 1,
             company: false,
+            poll: None,
         }
     }
 
@@ -244,6 +258,37 @@ mod tests {
             waits,
             [secs(1.0), secs(1.5), secs(2.0), secs(2.0), secs(2.0)]
         );
+    }
+
+    #[test]
+    fn adaptive_polls_a_self_hosted_server_at_its_interval_alone_or_not() {
+        for n in 1..=5 {
+            for company in [false, true] {
+                let local = Answer {
+                    hint: Hint::Unknown,
+                    held: false,
+                    company,
+                    poll: Some(secs(0.25)),
+                    ..answer(n)
+                };
+                assert_eq!(adaptive(&local), Some(secs(0.25)), "{n} {company}");
+                // Send to send: an answer that took 0.1 s leaves 0.15 s.
+                let took = Answer {
+                    took: secs(0.1),
+                    ..local
+                };
+                assert_eq!(adaptive(&took), Some(secs(0.15)));
+            }
+        }
+        let busy = Answer {
+            poll: Some(Duration::ZERO),
+            held: false,
+            ..answer(2)
+        };
+        assert_eq!(adaptive(&busy), Some(POLL_FLOOR), "never a busy loop");
+        assert_eq!(pace(WaitStrategy::Adaptive, Some(secs(0.25))), secs(0.25));
+        assert_eq!(pace(WaitStrategy::Adaptive, None), POLL);
+        assert_eq!(pace(WaitStrategy::SleepEstimate, Some(secs(0.25))), POLL);
     }
 
     #[test]

@@ -226,10 +226,11 @@ async fn a_server_still_booting_is_waited_out_and_said_to_be_unreachable() {
     assert_eq!(response.status(), 200);
     let report = report(&response);
     assert!(report.unreachable());
-    // Its readiness route polled at 1 s, 2.5 s, then 4.5 s: the first after
-    // the server came up answers ready, and the request follows at once.
-    assert_eq!(start.elapsed(), Duration::from_millis(4500));
-    assert_eq!(report.attempts(), 2, "the request itself went out twice");
+    // A small body is its own probe (a check would cost as much), sent at
+    // the self-hosted pace: answered within 250 ms of the server coming up.
+    assert!(start.elapsed() <= Duration::from_millis(3250), "{:?}", start.elapsed());
+    assert_eq!(report.checks(), 0);
+    assert!(report.attempts() >= 12, "{}", report.attempts());
     let server = boot.await.unwrap();
     let reached: Vec<_> = server
         .received()
@@ -238,10 +239,8 @@ async fn a_server_still_booting_is_waited_out_and_said_to_be_unreachable() {
         .collect();
     assert_eq!(
         reached,
-        [
-            (http::Method::GET, "/v2/models/m/ready".to_owned()),
-            (http::Method::POST, "/v2/models/m/infer".to_owned())
-        ]
+        [(http::Method::POST, "/v2/models/m/infer".to_owned())],
+        "refused attempts reach nothing"
     );
     assert_eq!(&bytes(response).await[..], b"{}");
     assert!(events
@@ -336,17 +335,18 @@ async fn callers_of_a_booting_server_wait_behind_one_probe() {
         assert_eq!(caller.await.unwrap().0, 200);
     }
     let server = boot.await.unwrap();
-    // One request per caller once it is up, after one readiness check that
-    // answered ready; before, one probe at a time, about once a second.
+    // One request per caller once it is up, and at most one readiness
+    // check (with company, checks and requests alternate); before, one
+    // probe at a time, at most four a second.
     let infer = server
         .received()
         .iter()
         .filter(|r| r.uri.path().ends_with("/infer"))
         .count();
     assert_eq!(infer, N);
-    assert_eq!(server.count(), N + 1);
+    assert!(server.count() <= N + 1, "{}", server.count());
     assert!(
-        *probes.lock().unwrap() <= 5,
+        *probes.lock().unwrap() <= 4 * 4 + 1,
         "{} probes in 4 s",
         probes.lock().unwrap()
     );

@@ -5,7 +5,7 @@ use http::StatusCode;
 use super::error_text::error_says;
 use super::{
     vllm, Classify, ColdStart, Hint, Hold, HuggingFace, KServe, LlamaCpp, MlServer, Ollama,
-    RayServe, ResponseView, Tei, TgiOverloaded, Triton,
+    RayServe, ResponseView, Tei, TgiOverloaded, Triton, SELF_HOSTED_POLL,
 };
 
 /// Every answer a built-in recognises by an exact marker: the layer's
@@ -101,7 +101,7 @@ impl Classify for KnownServers {
 /// only [`Vllm`](super::Vllm) waits it out).
 fn vllm_unavailable(response: &ResponseView<'_>) -> Option<ColdStart> {
     (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, vllm::UNAVAILABLE))
-        .then(|| ColdStart::new(Hint::Unknown))
+        .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
 }
 
 #[cfg(test)]

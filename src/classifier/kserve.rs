@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// KServe's model server while a model loads: `503`
 /// `{"error":"Model with name <name> is not ready."}`, on the v1
@@ -29,7 +29,7 @@ impl Classify for KServe {
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, NOT_READY))
-            .then(|| ColdStart::new(Hint::Unknown))
+            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {

@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What `llama-server` says on every route while its model loads.
 pub(super) const LOADING_MODEL: &str = "Loading model";
@@ -37,7 +37,7 @@ impl Classify for LlamaCpp {
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, LOADING_MODEL))
-            .then(|| ColdStart::new(Hint::Unknown))
+            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {

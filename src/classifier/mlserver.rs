@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What MLServer's `ModelNotReady` says.
 pub(super) const NOT_READY_YET: &str = "is not ready yet.";
@@ -37,7 +37,7 @@ impl Classify for MlServer {
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         (response.status == StatusCode::BAD_REQUEST && error_says(response, NOT_READY_YET))
-            .then(|| ColdStart::new(Hint::Unknown))
+            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {

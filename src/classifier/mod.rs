@@ -126,12 +126,19 @@ impl<'a> ResponseView<'a> {
     }
 }
 
+/// How often the self-hosted built-ins let the layer poll their server: a
+/// request to a server next to the client costs microseconds, so its model
+/// is asked four times a second at most and used at most 250 ms after it is
+/// ready.
+pub(crate) const SELF_HOSTED_POLL: Duration = Duration::from_millis(250);
+
 /// A cold start, as a classifier saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ColdStart {
     hint: Hint,
     hold: Hold,
     model: Option<String>,
+    poll: Option<Duration>,
 }
 
 impl ColdStart {
@@ -141,7 +148,23 @@ impl ColdStart {
             hint,
             hold: Hold::None,
             model: None,
+            poll: None,
         }
+    }
+
+    /// The same, from a server that is cheap to ask (one users run next to
+    /// the client): [`WaitStrategy::Adaptive`](crate::WaitStrategy::Adaptive)
+    /// polls it every `interval` (100 ms at least), not at a hosted API's
+    /// pace of one request every 1 to 2 s. The self-hosted built-ins say
+    /// 250 ms.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll = Some(interval);
+        self
+    }
+
+    /// The poll interval the classifier set, if it set one.
+    pub fn poll_interval(&self) -> Option<Duration> {
+        self.poll
     }
 
     /// The same, with retries asking the server to hold them this way.

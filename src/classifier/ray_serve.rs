@@ -6,7 +6,7 @@ use http::StatusCode;
 
 use super::error_text::error_says;
 use super::retry_after::retry_after;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What Ray Serve's `BackPressureError` says.
 pub(super) const BACKPRESSURE: &str = "Request dropped due to backpressure";
@@ -46,7 +46,7 @@ impl Classify for RayServe {
         }
         let hint =
             retry_after(response.headers, SystemTime::now()).map_or(Hint::Unknown, Hint::After);
-        Some(ColdStart::new(hint))
+        Some(ColdStart::new(hint).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {

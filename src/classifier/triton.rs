@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What Triton says of a model version that is not ready.
 pub(super) const NOT_AT_READY_STATE: &str = "is not at ready state";
@@ -54,7 +54,7 @@ impl Classify for Triton {
             }
             _ => false,
         };
-        loading.then(|| ColdStart::new(Hint::Unknown))
+        loading.then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {

@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView};
+use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What vLLM's `ServiceUnavailableMiddleware` says.
 pub(super) const UNAVAILABLE: &str = "Server is unavailable. Please try again later.";
@@ -31,7 +31,7 @@ impl Classify for Vllm {
         let says = |text| error_says(response, text);
         (response.status == StatusCode::SERVICE_UNAVAILABLE
             && (says(UNAVAILABLE) || says("sleeping")))
-        .then(|| ColdStart::new(Hint::Unknown))
+        .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
     }
 
     fn retries_refused(&self) -> bool {
