@@ -7,8 +7,9 @@
 //! when they start: its port refuses connections for 2 s (the process is
 //! loading), then it answers "not ready" for 2 s more (the model is warming
 //! up), then it answers. One request goes in; the layer waits out both
-//! phases, polling the server's readiness route instead of resending the
-//! body, and prints a line each time it waits. It finishes by itself.
+//! phases, sending the small request itself four times a second (a
+//! readiness check pays only for a large body), and prints a line each time
+//! it waits. It finishes by itself.
 
 #[path = "../tests/support/hf_server.rs"]
 mod hf_server;
