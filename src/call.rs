@@ -997,6 +997,9 @@ where
         if self.attempts >= self.config.max_attempts {
             return Err(GaveUp::Attempts);
         }
+        // The self-hosted pace is for cheap probes: a small request, or a
+        // check. A large body with no route to check waits at the usual pace.
+        let cheap = self.body.bytes().len() < ROUTE_BODY || self.route_to_check().is_some();
         let now = Instant::now();
         let since = self.cold().since;
         let config = &self.config;
@@ -1014,7 +1017,7 @@ where
                 .probe
                 .as_ref()
                 .is_some_and(|probe| probe.gate().has_company()),
-            poll: cold.poll_interval(),
+            poll: cold.poll_interval().filter(|_| cheap),
         };
         let jitter = config.jitter.then(wake::random_unit);
         let wait = wake::next_wait(

@@ -228,7 +228,11 @@ async fn a_server_still_booting_is_waited_out_and_said_to_be_unreachable() {
     assert!(report.unreachable());
     // A small body is its own probe (a check would cost as much), sent at
     // the self-hosted pace: answered within 250 ms of the server coming up.
-    assert!(start.elapsed() <= Duration::from_millis(3250), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_millis(3250),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(report.checks(), 0);
     assert!(report.attempts() >= 12, "{}", report.attempts());
     let server = boot.await.unwrap();
