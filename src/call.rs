@@ -61,6 +61,12 @@ pub(crate) enum Step<F, B: Body> {
     Done(Result<Response<ResponseBody<B>>, BoxError>),
 }
 
+/// The caller's deadline for the whole call, on each attempt of a call that
+/// has one, for the adapter to give the client the time left.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "reqwest-middleware"), allow(dead_code))]
+pub(crate) struct CallDeadline(pub(crate) Instant);
+
 /// What the request in flight asked, for reading its answer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attempt {
@@ -134,6 +140,11 @@ pub(crate) struct Call<S, ReqBody> {
     said_ready: bool,
     // Why the call gave up, if it did.
     gave_up: Option<GaveUp>,
+    // The caller's own deadline for the whole call, where an adapter knows
+    // it (a reqwest request's timeout): no wait runs past it, and the
+    // attempt sent at it is told it has no time left, so that it ends in
+    // the client's own timeout error.
+    deadline: Option<Instant>,
     // Whether a client asked the body of the request in flight for its
     // data (kept only where a refused connection may be retried: it is the
     // proof that the refusal was of the request's own first connection).
@@ -256,6 +267,7 @@ impl<S, ReqBody> Call<S, ReqBody> {
             checked_last: false,
             said_ready: false,
             gave_up: None,
+            deadline: None,
             asked: None,
             _body: PhantomData,
         }
@@ -305,10 +317,38 @@ impl<S, ReqBody> Call<S, ReqBody> {
 
     /// The time left in this call's budget (all of it before a cold start).
     fn remaining(&self) -> Duration {
+        let budget = self.budget_left();
+        self.deadline.map_or(budget, |d| {
+            budget.min(d.saturating_duration_since(Instant::now()))
+        })
+    }
+
+    /// The time left in the cold-start budget alone.
+    fn budget_left(&self) -> Duration {
         let max = self.config.max_total_wait;
         self.cold
             .as_ref()
             .map_or(max, |cold| max.saturating_sub(cold.since.elapsed()))
+    }
+
+    /// Sets the caller's deadline for the whole call.
+    #[cfg(feature = "reqwest-middleware")]
+    pub(crate) fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    /// Out of time at the end of a wait: at the caller's deadline (with
+    /// budget left) the next attempt goes, told it has no time, so that the
+    /// client ends it with its own timeout error and sends nothing; at the
+    /// end of the budget the call gives up.
+    fn out_of_time<B: Body>(&mut self) -> Step<S::Future, B>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        if self.deadline.is_some() && !self.budget_left().is_zero() {
+            return Step::Ready;
+        }
+        self.give_up(GaveUp::Budget)
     }
 
     fn registry_key(&mut self) -> Option<u64> {
@@ -377,9 +417,10 @@ impl<S, ReqBody> Call<S, ReqBody> {
         let since = self.cold().since;
         // A waiter keeps no loading answer of its own.
         self.cold().last = None;
-        let deadline = since
+        let budget_end = since
             .checked_add(self.config.max_total_wait)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        let deadline = self.deadline.map_or(budget_end, |d| d.min(budget_end));
         let mut wait = Wait::until(deadline, Some(gate), WaitKind::Behind { company, heard });
         self.tell_waiting(
             &mut wait,
@@ -571,6 +612,9 @@ impl<S, ReqBody> Call<S, ReqBody> {
         self.asked = (self.config.retries_refused && !last_possible).then(Asked::default);
         let mut req =
             Request::from_parts(parts, RequestBody::replay(&self.body, self.asked.clone()));
+        if let Some(deadline) = self.deadline {
+            req.extensions_mut().insert(CallDeadline(deadline));
+        }
         hold.apply(req.headers_mut(), self.remaining());
         let held = hold != Hold::None || req.headers().contains_key(&X_WAIT_FOR_MODEL);
         let attempt = Attempt {
@@ -749,6 +793,15 @@ where
                         ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL);
                     return self.cold_start(snapshot, &booting, attempt);
                 }
+                if let (Some(reason), true) = (self.unbuffered, self.config.retries_refused) {
+                    if refused(&*error) {
+                        tracing::warn!(
+                            reason = reason.as_str(),
+                            "connection refused (the server may be booting), but the request \
+                             body was not buffered; not retried"
+                        );
+                    }
+                }
                 // Not an answer from the model: someone else may probe.
                 self.probe = None;
                 return Step::Done(Err(error));
@@ -865,7 +918,7 @@ where
             WaitKind::Pause { gives_up } => {
                 self.cold().waited += wait.started.elapsed();
                 if *gives_up && woken == Woken::Timer {
-                    return self.give_up(GaveUp::Budget);
+                    return self.out_of_time();
                 }
                 if woken == Woken::Gate {
                     // Released: the model is warm, send the request itself.
@@ -881,7 +934,7 @@ where
         };
         if woken == Woken::Timer {
             self.cold().waited += wait.started.elapsed();
-            return self.give_up(GaveUp::Budget);
+            return self.out_of_time();
         }
         // The probe was given back, or the model answered: look again (the
         // gate may be gone, or a new one may exist).
@@ -1002,9 +1055,9 @@ where
         let cheap = self.body.bytes().len() < ROUTE_BODY || self.route_to_check().is_some();
         let now = Instant::now();
         let since = self.cold().since;
-        let config = &self.config;
         let elapsed = now.saturating_duration_since(since);
-        let remaining = config.max_total_wait.saturating_sub(elapsed);
+        let remaining = self.remaining();
+        let config = &self.config;
         let answer = Answer {
             hint: cold.hint(),
             // Readiness checks ask the model too: they pace a lone caller.
@@ -1026,8 +1079,13 @@ where
             config.wait_bounds(),
             jitter,
             remaining,
-        )
-        .ok_or(GaveUp::Budget)?;
+        );
+        let wait = match wait {
+            Some(wait) => wait,
+            // At the caller's deadline, before the budget's end: go now.
+            None if remaining.is_zero() && !self.budget_left().is_zero() => Duration::ZERO,
+            None => return Err(GaveUp::Budget),
+        };
         let estimate = match cold.hint() {
             Hint::Estimate(secs) => Some(secs),
             _ => None,
@@ -1129,7 +1187,9 @@ fn announce(config: &Config, event: &RetryEvent<'_>) {
         (true, false) => "model server unreachable; waiting before retrying",
     };
     tracing::info!(
-        authority = uri.authority().map(|a| a.as_str()),
+        // Host and port: never userinfo, nor the query (credentials travel
+        // in both).
+        authority = %crate::report::HostPort(uri),
         path = uri.path(),
         model = event.model,
         attempt = event.attempt,

@@ -100,6 +100,20 @@ where
     }
 }
 
+impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    /// Bounds the whole call by the caller's `deadline` (see
+    /// [`Call::set_deadline`]).
+    #[cfg(feature = "reqwest-middleware")]
+    pub(crate) fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
+        self.call.set_deadline(deadline);
+        self
+    }
+}
+
 impl<F, ReqBody, ResBody: Body> State<F, ReqBody, ResBody> {
     /// The state a step leads to, and the caller's answer if it is done.
     #[allow(clippy::type_complexity)]

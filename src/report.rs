@@ -143,6 +143,73 @@ impl ColdStartReport {
     }
 }
 
+/// A URI's host and port, for logs: never its userinfo.
+pub(crate) struct HostPort<'a>(pub(crate) &'a Uri);
+
+impl std::fmt::Display for HostPort<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(host) = self.0.host() {
+            f.write_str(host)?;
+        }
+        match self.0.port_u16() {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A URI for logs and `Debug`: scheme, host, port and path, never its
+/// userinfo nor its query.
+pub(crate) struct Redacted<'a>(pub(crate) &'a Uri);
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(scheme) = self.0.scheme_str() {
+            write!(f, "{scheme}://")?;
+        }
+        write!(f, "{}{}", HostPort(self.0), self.0.path())?;
+        if self.0.query().is_some() {
+            f.write_str("?…")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// `text` (an error's message) with every URL in it redacted: userinfo and
+/// queries removed, as from reqwest's "error sending request for url (…)".
+pub(crate) fn scrub_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let Some(start) = word.find("://").and_then(|at| {
+            word[..at]
+                .rfind(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '-' && c != '.')
+                .map_or(Some(0), |p| Some(p + 1))
+        }) else {
+            out.push_str(word);
+            continue;
+        };
+        let end = word[start..]
+            .find(['(', ')', '"', '\'', ',', '<', '>'])
+            .map_or(word.len(), |e| start + e);
+        out.push_str(&word[..start]);
+        match word[start..end].parse::<Uri>() {
+            Ok(uri) => out.push_str(&Redacted(&uri).to_string()),
+            Err(_) => out.push_str("<url>"),
+        }
+        out.push_str(&word[end..]);
+    }
+    out
+}
+
 /// The facts about one wait, given to the [`on_retry`] hook before the layer
 /// sleeps.
 ///
@@ -153,7 +220,7 @@ impl ColdStartReport {
 /// can show progress.
 ///
 /// [`on_retry`]: crate::ColdStartRetryLayer::on_retry
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RetryEvent<'a> {
     pub(crate) uri: &'a Uri,
     pub(crate) model: Option<&'a str>,
@@ -165,8 +232,25 @@ pub struct RetryEvent<'a> {
     pub(crate) unreachable: bool,
 }
 
+impl std::fmt::Debug for RetryEvent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URI without userinfo or query: credentials travel there.
+        f.debug_struct("RetryEvent")
+            .field("uri", &Redacted(self.uri))
+            .field("model", &self.model)
+            .field("attempt", &self.attempt)
+            .field("wait", &self.wait)
+            .field("estimate", &self.estimate)
+            .field("elapsed", &self.elapsed)
+            .field("behind_probe", &self.behind_probe)
+            .field("unreachable", &self.unreachable)
+            .finish()
+    }
+}
+
 impl<'a> RetryEvent<'a> {
-    /// The request's URI.
+    /// The request's URI, whole: userinfo and query included (this event's
+    /// `Debug` shows neither).
     pub fn uri(&self) -> &'a Uri {
         self.uri
     }
@@ -246,5 +330,23 @@ impl std::fmt::Display for Unreachable {
 impl std::error::Error for Unreachable {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_error_text_lose_userinfo_and_query() {
+        let text = "error sending request for url (http://user:hunter2@h.test:8080/v1/x?api_key=s3cret&token=t0k)";
+        let scrubbed = scrub_urls(text);
+        assert_eq!(
+            scrubbed,
+            "error sending request for url (http://h.test:8080/v1/x?…)"
+        );
+        assert_eq!(scrub_urls("connection refused"), "connection refused");
+        assert_eq!(scrub_urls("to https://h/p, then"), "to https://h/p, then");
+        assert!(!scrub_urls("x http://u:p@[bad?k=s3cret").contains("s3cret"));
     }
 }

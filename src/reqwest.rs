@@ -54,6 +54,12 @@ use crate::{BoxError, RequestBody};
 /// then hands a `307`/`308` back rather than follow it. An error is
 /// reqwest's own (`downcast_ref::<reqwest::Error>()` on the layer's boxed
 /// error), and the response keeps its URL.
+///
+/// The client's timeout (`ClientBuilder::timeout`) bounds each attempt: the
+/// adapter is below the layer, and reqwest does not say what its client's
+/// timeout is. For a deadline on the whole call, waits included, put
+/// `tower::timeout` outside the layer (see the crate docs), or use
+/// [`ColdStartMiddleware`], where a request's own timeout bounds its call.
 #[derive(Debug, Clone)]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub struct ReqwestService {

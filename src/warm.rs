@@ -30,8 +30,9 @@ pub enum WarmUpOutcome {
         calls: u32,
     },
     /// The deadline passed before the model answered warm: every call was
-    /// answered `503` or `500`, failed (a refused connection, say), or was
-    /// still under way at the deadline.
+    /// answered with a cold start (as the layer's classifier says), a `503`
+    /// or a `500`, failed (a refused connection, say), or was still under
+    /// way at the deadline.
     TimedOut {
         /// The status of the latest answer, if any call was answered.
         last_status: Option<StatusCode>,
@@ -42,10 +43,24 @@ pub enum WarmUpOutcome {
         calls: u32,
     },
     /// The model answered with a status that waiting will not improve
-    /// (neither a success nor `503` or `500`, e.g. `401` or `404`); the
-    /// error names it. A failing call is never this: it is called again
+    /// (neither a success, a cold start, a `503` nor a `500`, e.g. `401` or
+    /// `404`); the error names it. A failing call is never this: it is called again
     /// until the deadline.
     Failed(BoxError),
+}
+
+/// Whether an answer that is not a success may still turn warm: one the
+/// layer's classifier called a cold start and gave up on (its report says
+/// so, whatever the status: a TGI `429`, a `425` of the user's own), or,
+/// with no layer in the stack, a `503` or `500`.
+fn still_cold<B>(response: &Response<B>) -> bool {
+    match response.extensions().get::<ColdStartReport>() {
+        Some(report) if report.gave_up().is_some() => true,
+        _ => {
+            let status = response.status();
+            status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
 }
 
 /// Sends `request()` through `service` until the model answers with a
@@ -55,11 +70,13 @@ pub enum WarmUpOutcome {
 /// Each call goes through the whole stack; with a
 /// [`ColdStartRetryLayer`](crate::ColdStartRetryLayer) in it, one call
 /// already waits out a cold start within the layer's budget, and `warm_up`
-/// calls again (a second later) only if that budget ran out first, the
-/// answer was a `503` or `500`, or the call failed (the server may still be
-/// booting); the latest status and error come back in [`WarmUpOutcome::TimedOut`].
-/// Any other answer (a `401`, a `404`) will not improve by waiting: it ends
-/// the warm-up at once as [`WarmUpOutcome::Failed`].
+/// calls again (a second later) only if the layer's classifier called the
+/// answer a cold start and its budget ran out first (whatever the status:
+/// a TGI `429`, a `425` of your own classifier), the answer was a `503` or
+/// `500`, or the call failed (the server may still be booting); the latest
+/// status and error come back in [`WarmUpOutcome::TimedOut`]. Any other
+/// answer (a `401`, a `404`) will not improve by waiting: it ends the
+/// warm-up at once as [`WarmUpOutcome::Failed`].
 ///
 /// ```
 /// # use std::convert::Infallible;
@@ -129,9 +146,7 @@ where
             }
             Ok(response) => {
                 let status = response.status();
-                if status != StatusCode::SERVICE_UNAVAILABLE
-                    && status != StatusCode::INTERNAL_SERVER_ERROR
-                {
+                if !still_cold(&response) {
                     return WarmUpOutcome::Failed(
                         format!("warm-up request answered {status}").into(),
                     );
@@ -140,7 +155,10 @@ where
             }
             Err(error) => {
                 let error: BoxError = error.into();
-                tracing::warn!(error = %error, "warm-up request failed; trying again");
+                tracing::warn!(
+                    error = %crate::report::scrub_urls(&error.to_string()),
+                    "warm-up request failed; trying again"
+                );
                 last_error = Some(error);
             }
         }
@@ -220,7 +238,10 @@ where
                 }
                 Ok(Err(error)) => {
                     let error: BoxError = error.into();
-                    tracing::warn!(error = %error, "keep-warm ping failed");
+                    tracing::warn!(
+                        error = %crate::report::scrub_urls(&error.to_string()),
+                        "keep-warm ping failed"
+                    );
                 }
                 Err(_) => tracing::warn!("keep-warm ping timed out"),
             }

@@ -206,6 +206,101 @@ mod middleware {
         );
     }
 
+    /// KServe's infer route, "not ready" until `ready_after`, then an echo.
+    fn kserve_ready_after(ready_after: Duration) -> Model {
+        let ready_at = tokio::time::Instant::now() + ready_after;
+        let not_ready = Bytes::from_static(br#"{"error":"Model with name m is not ready."}"#);
+        Model::script(move |r, _| match r.at >= ready_at {
+            true => (Duration::ZERO, (200, vec![], r.body.clone())),
+            false => (Duration::ZERO, (503, vec![], not_ready.clone())),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requests_timeout_bounds_the_whole_call_waits_included() {
+        let server = HfServer::start([(MODEL, kserve_ready_after(Duration::from_secs(10)))]).await;
+        let client = client(ColdStartRetryLayer::new());
+        let start = tokio::time::Instant::now();
+        let error = client
+            .post(server.url(MODEL))
+            .timeout(Duration::from_secs(2))
+            .body("{}")
+            .send()
+            .await
+            .unwrap_err();
+        // reqwest's own timeout error, at the deadline, not after it.
+        assert!(error.is_timeout(), "{error:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // Nothing was sent at (or after) the deadline.
+        let received = server.received();
+        assert!(received
+            .iter()
+            .all(|r| r.at < start + Duration::from_secs(2)));
+        assert!(
+            received.len() >= 2,
+            "polled within the 2 s: {}",
+            received.len()
+        );
+
+        // The middleware's own deadline, for requests that set none.
+        let bounded = ClientBuilder::new(reqwest::Client::new())
+            .with(
+                ColdStartMiddleware::new(ColdStartRetryLayer::new())
+                    .timeout(Duration::from_secs(3)),
+            )
+            .build();
+        let start = tokio::time::Instant::now();
+        let error = bounded
+            .post(server.url(MODEL))
+            .body("{}")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.is_timeout(), "{error:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+
+        // Within the timeout, a cold start is waited out as usual.
+        let server = HfServer::start([(MODEL, kserve_ready_after(Duration::from_secs(1)))]).await;
+        let response = client
+            .post(server.url(MODEL))
+            .timeout(Duration::from_secs(2))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_server_is_found_by_downcast_and_by_the_error_chain() {
+        let port = support::wire::refusing_port();
+        let layer = ColdStartRetryLayer::new()
+            .retry_refused(true)
+            .max_total_wait(Duration::from_secs(1));
+        let error = client(layer)
+            .post(format!("http://127.0.0.1:{port}/"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap_err();
+        let reqwest_middleware::Error::Middleware(inner) = &error else {
+            panic!("{error:?}");
+        };
+        let unreachable = inner
+            .downcast_ref::<tower_cold_start::Unreachable>()
+            .expect("found by downcast_ref, as on the layer's boxed error");
+        assert_eq!(unreachable.gave_up(), tower_cold_start::GaveUp::Budget);
+        assert!(inner
+            .chain()
+            .any(|e| e.is::<tower_cold_start::Unreachable>()));
+        // And its source is the client's own error for the refusal.
+        let source = std::error::Error::source(unreachable).unwrap();
+        assert!(
+            source.to_string().contains("error sending request"),
+            "{source}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_error_and_a_transport_error_reach_the_caller_as_reqwest_errors() {
         let server = HfServer::start([(MODEL, Model::Warm)]).await;

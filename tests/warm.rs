@@ -73,6 +73,44 @@ async fn warm_up_calls_again_when_the_layer_budget_ends_first() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn warm_up_keeps_trying_on_whatever_the_layers_classifier_calls_cold() {
+    // TEI's overload (a 429), and a gateway of the user's own that answers
+    // 425 while its model boots: cold starts to the classifier, not 503s.
+    let tei = br#"{"error":"Model is overloaded","error_type":"Overloaded"}"#;
+    for (status, body) in [(429, &tei[..]), (425, &b"booting"[..])] {
+        let start = Instant::now();
+        let ready_at = start + Duration::from_secs(8);
+        let server = HfServer::start([(
+            MODEL,
+            Model::script(move |r, _| match r.at >= ready_at {
+                true => (Duration::ZERO, (200, vec![], Bytes::from_static(b"[]"))),
+                false => (Duration::ZERO, (status, vec![], Bytes::from_static(body))),
+            }),
+        )])
+        .await;
+        let ours = tower_cold_start::classifier::from_fn(|r| {
+            (r.status() == 425).then(|| {
+                tower_cold_start::classifier::ColdStart::new(
+                    tower_cold_start::classifier::Hint::Unknown,
+                )
+            })
+        });
+        let layer = ColdStartRetryLayer::new()
+            .classifier(tower_cold_start::classifier::Classify::or(
+                ours,
+                tower_cold_start::classifier::KnownServers,
+            ))
+            .max_total_wait(Duration::from_secs(3));
+        let client = ServiceBuilder::new().layer(layer).service(http1());
+        let outcome = warm_up(client, ping(server.url(MODEL)), Duration::from_secs(60)).await;
+        let WarmUpOutcome::Warm { calls, .. } = outcome else {
+            panic!("{status}: {outcome:?}");
+        };
+        assert!(calls >= 2, "{status}: {calls} calls");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn warm_up_times_out_at_its_deadline() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let client = ServiceBuilder::new()
