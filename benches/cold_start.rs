@@ -799,6 +799,8 @@ fn main() {
         }
     }
 
+    self_hosted(&mut targets);
+
     // A model that never loads.
     println!("\n## A model that never loads (`estimated_time` 1809.18)\n");
     println!("| strategy | callers | served | requests / caller | gives up after (p50) |\n|---|---|---|---|---|");
@@ -843,6 +845,164 @@ fn main() {
     if targets.iter().any(|(_, met)| !met) {
         eprintln!("cold_start: a target is not met (see the list above)");
         std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A self-hosted server that does not hold.
+
+/// What KServe's model server answers while its model loads.
+const NOT_READY: &[u8] = br#"{"error":"Model with name m is not ready."}"#;
+const SELF_HOSTED: &str = "/v2/models/m/infer";
+
+/// What a run against a self-hosted server measured.
+struct SelfHosted {
+    outcome: Outcome,
+    /// The most probes (requests that are not a caller's first) in any
+    /// one second of the load.
+    probes_per_second: usize,
+}
+
+/// `callers` arriving over the first second at a KServe-like server that
+/// answers "not ready" for `ready` and does not hold, through `layer`.
+fn run_self_hosted(layer: ColdStartRetryLayer, callers: usize, ready: Duration) -> SelfHosted {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let start = Instant::now();
+        let ready_at = start + ready;
+        let model = Model::script(move |r, _| {
+            if r.at >= ready_at {
+                (Duration::ZERO, (200, vec![], r.body.clone()))
+            } else {
+                (Duration::ZERO, (503, vec![], Bytes::from_static(NOT_READY)))
+            }
+        });
+        let server = HfServer::detached(
+            "127.0.0.1:80".parse().unwrap(),
+            [(SELF_HOSTED, model), (WARM, Model::Warm)],
+        );
+        let client: Layered = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(http2(&server));
+        assert_eq!(
+            layered(client.clone(), server.url(WARM), body_for(0)).await,
+            200
+        );
+        let url = server.url(SELF_HOSTED);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..callers {
+            let arrive = Duration::from_secs(1) * i as u32 / callers as u32;
+            let call = layered(client.clone(), url.clone(), body_for(i));
+            tasks.spawn(async move {
+                tokio::time::sleep_until(start + arrive).await;
+                let status = call.await;
+                (status, Instant::now())
+            });
+        }
+        let mut outcome = Outcome {
+            callers,
+            ..Outcome::default()
+        };
+        while let Some(result) = tasks.join_next().await {
+            let (status, answered) = result.unwrap();
+            if status == StatusCode::OK {
+                outcome.served += 1;
+                let lag = answered.saturating_duration_since(ready_at);
+                outcome.lags.push(lag.as_secs_f64());
+            }
+        }
+        let received: Vec<_> = server
+            .received()
+            .into_iter()
+            .filter(|r| r.uri.path() == SELF_HOSTED)
+            .collect();
+        outcome.requests = received.len();
+        // A caller's first request is its own; every later one before the
+        // model is ready is a probe.
+        let mut seen = std::collections::HashSet::new();
+        let probes: Vec<Instant> = received
+            .iter()
+            .filter(|r| !seen.insert(r.body.clone()) && r.at < ready_at)
+            .map(|r| r.at)
+            .collect();
+        let probes_per_second = probes
+            .iter()
+            .map(|&t| {
+                probes
+                    .iter()
+                    .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        outcome.lags.sort_by(f64::total_cmp);
+        SelfHosted {
+            outcome,
+            probes_per_second,
+        }
+    })
+}
+
+/// The self-hosted pace against the hosted one, on the recorded load times.
+fn self_hosted(targets: &mut Vec<(String, bool)>) {
+    println!(
+        "\n## A self-hosted server that does not hold (KServe's `503 not ready`), the seven recorded \
+         load times x five phases\n"
+    );
+    println!(
+        "| pace | callers | served | requests / caller | lag p50 | lag p99 | lag worst | most probes in one second |\n|---|---|---|---|---|---|---|---|"
+    );
+    let paces = [
+        (
+            "self-hosted (the default: `KServe`'s marker says 250 ms)",
+            ColdStartRetryLayer::new(),
+        ),
+        (
+            "hosted (the same marker with no poll interval: 1, 1.5, 2 s)",
+            ColdStartRetryLayer::new().classifier(tower_cold_start::classifier::ErrorText::new(
+                [503],
+                "is not ready",
+            )),
+        ),
+    ];
+    for (name, layer) in paces {
+        for callers in [1, 20] {
+            let runs: Vec<SelfHosted> = RECORDED
+                .iter()
+                .flat_map(|&(_, actual)| {
+                    PHASES
+                        .iter()
+                        .map(move |phase| Duration::from_secs_f64(actual as f64 + phase))
+                })
+                .map(|ready| run_self_hosted(layer.clone(), callers, ready))
+                .collect();
+            let outcomes: Vec<Outcome> = runs.iter().map(|r| r.outcome.clone()).collect();
+            let all = merge(&outcomes);
+            let most = runs.iter().map(|r| r.probes_per_second).max().unwrap_or(0);
+            let p50 = percentile(&all.lags, 50.0);
+            println!(
+                "| {name} | {callers} | {:.0}% | {:.1} | {} | {} | {} | {most} |",
+                100.0 * all.served as f64 / all.callers as f64,
+                all.requests as f64 / all.callers as f64,
+                secs(p50),
+                secs(percentile(&all.lags, 99.0)),
+                secs(all.lags.last().copied().unwrap_or(f64::NAN)),
+            );
+            if name.starts_with("self-hosted") {
+                targets.push((
+                    format!(
+                        "self-hosted, no hold, N = {callers}: every caller served, lag p50 < 300 ms \
+                         ({}), at most 4 probes per second per model ({most})",
+                        secs(p50)
+                    ),
+                    all.served == all.callers && p50 < 0.300 && most <= 4,
+                ));
+            }
+        }
     }
 }
 

@@ -253,8 +253,8 @@ impl ColdStartRetryLayer {
     /// Sets whether retries ask the server to hold them until the model is ready.
     ///
     /// Note that this covers every hold header a classifier names (`x-wait-for-model`,
-    /// `X-Scale-Up-Timeout`, `Prefer: wait`); the first request is never held unless the caller
-    /// set the header itself.
+    /// `X-Scale-Up-Timeout`, `Prefer: wait`), the first request's too where
+    /// [`hold_first_request`](Self::hold_first_request) asks for it (`InferenceEndpoints` does).
     ///
     /// Default: `true`.
     pub fn hold_retries(mut self, hold_retries: bool) -> Self {
@@ -290,11 +290,12 @@ impl ColdStartRetryLayer {
         self
     }
 
-    /// Sets the server's readiness route for a request: while its model is
-    /// cold, the probing call polls that route with an empty `GET` and sends
-    /// its real request, body and all, once the route answers with a success.
+    /// Sets the server's readiness route for a request: while its model is cold, the probing call
+    /// may check that route with an empty `GET` instead of resending its request.
     ///
-    /// Note that a large upload is then sent twice at most, not once per poll.
+    /// Note that the route is only a hint (see the crate docs): it is used for bodies of 64 KiB
+    /// or more (which then go out twice at most) and while other callers wait, and dropped for a
+    /// model where it answers wrong, slowly or untruly.
     ///
     /// Default: the classifier's (`/health` for TGI, TEI and vLLM;
     /// `/v2/models/<name>/ready` for KServe and Triton; none for the rest,

@@ -85,10 +85,20 @@
 //!   trailers or body error included.
 //! - **Waiting.** The [`WaitStrategy`] paces the retries: by default the first
 //!   retry asks the server to hold it, and a server that does not hold is
-//!   polled once a second (through its readiness route, where it has one,
-//!   so a large body is not resent). No model is asked more than once per
-//!   second, save right after a held request. A wait the server sets that
-//!   the budget cannot cover is not slept: the answer goes back at once.
+//!   polled, a hosted API at 1, 1.5, then every 2 s (every second while
+//!   other callers wait), a server the classifier calls self-hosted every
+//!   250 ms. No model is asked more often than that, save right after a
+//!   held request. A wait the server sets that the budget cannot cover is
+//!   not slept: the answer goes back at once.
+//! - **Readiness routes.** The caller's request is the truth; a readiness
+//!   route (an empty `GET`) only makes a call cheaper or releases waiters
+//!   sooner. It is checked instead of resending a body of 64 KiB or more,
+//!   and every other probe while other callers wait. A route that answers
+//!   neither ready (`2xx`) nor not ready (`503`, `429`, refused), or no
+//!   answer within 2 s, is dropped for that model and the request goes at
+//!   once; one that said ready while the model still answered cold is not
+//!   trusted again for that model. With a truthful route a large body goes
+//!   out twice at most.
 //! - **Unreachable.** Where the classifier (or
 //!   [`retry_refused`](ColdStartRetryLayer::retry_refused)) says so, a
 //!   refused connection is a server still booting, waited out like a
