@@ -983,6 +983,16 @@ where
                 Step::Ready
             }
             Ok(StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) => {
+                // Up again after a refusal: the next probe is the request,
+                // so that the model's own answer is the latest one kept.
+                let refused_last = self
+                    .cold
+                    .as_ref()
+                    .and_then(|cold| cold.last.as_ref())
+                    .is_some_and(|last| last.refused.is_some());
+                if refused_last {
+                    self.check_next = false;
+                }
                 self.poll_again(&self.not_ready(), attempt)
             }
             Err(error) if refused(&*error) => {

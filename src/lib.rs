@@ -172,6 +172,8 @@ mod report;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+#[cfg(test)]
+mod schedule_tests;
 mod service;
 mod wake;
 mod warm;
