@@ -291,7 +291,7 @@ fn check_end(
     match outcome {
         Ok((code, body)) => {
             let expected = match last {
-                Answer::Cold => (503, &NOT_READY[..]),
+                Answer::Cold => (503, NOT_READY),
                 Answer::NotCold => (503, &b"upstream unavailable"[..]),
                 Answer::Success => (200, &b"ok"[..]),
                 other => return Err(TestCaseError::fail(format!("answered after {other:?}"))),
