@@ -93,7 +93,10 @@
 //! - **Readiness routes.** The caller's request is the truth; a readiness
 //!   route (an empty `GET`) only makes a call cheaper or releases waiters
 //!   sooner. It is checked instead of resending a body of 64 KiB or more,
-//!   and every other probe while other callers wait. A route that answers
+//!   and every other probe while other callers wait: half the probes can
+//!   then release them all before the probe's own answer (which an LLM
+//!   server gives only after its generation), and the other half keep a
+//!   route slower than the model from delaying anyone. A route that answers
 //!   neither ready (`2xx`) nor not ready (`503`, `429`, refused), or no
 //!   answer within 2 s, is dropped for that model and the request goes at
 //!   once; one that said ready while the model still answered cold is not

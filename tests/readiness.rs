@@ -343,3 +343,102 @@ async fn a_route_slower_than_the_model_does_not_delay_one_caller_or_twenty() {
         println!("LitServe-like, {n} callers: worst lag {worst:?}, {requests} requests reached the server");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_event_attempt_moves_with_every_poll_checks_included() {
+    let start = Instant::now();
+    let ready_at = start + Duration::from_secs(3);
+    let server = HfServer::start([
+        (INFER, infer_ready_at(ready_at)),
+        (
+            READY,
+            Model::script(move |r, _| {
+                let status = if r.at >= ready_at { 200 } else { 503 };
+                (Duration::ZERO, (status, vec![], Bytes::new()))
+            }),
+        ),
+    ])
+    .await;
+    let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = attempts.clone();
+    let layer =
+        kserve(Duration::from_secs(30)).on_retry(move |e| sink.lock().unwrap().push(e.attempt()));
+    let (status, report, _) = post(layer, &server, upload()).await;
+    assert_eq!(status, 200);
+    let attempts = attempts.lock().unwrap().clone();
+    assert!(attempts.len() >= 3, "{attempts:?}");
+    assert!(
+        attempts.windows(2).all(|w| w[1] == w[0] + 1),
+        "{attempts:?}"
+    );
+    // The first request, then every check but the last (which said ready).
+    assert_eq!(*attempts.last().unwrap(), report.checks());
+}
+/// 20 callers of a llama.cpp in single-model mode (every route answers the
+/// loading 503 until the model is loaded at `ready_after`; a completion then
+/// takes 1 s to generate): when each caller's answered request left, after
+/// ready.
+async fn llama_crowd(ready_after: Duration) -> Vec<Duration> {
+    const N: usize = 20;
+    let loading = Bytes::from_static(
+        br#"{"error":{"message":"Loading model","type":"unavailable_error","code":503}}"#,
+    );
+    let ready_at = Instant::now() + ready_after;
+    let answer = move |generation: Duration| {
+        let loading = loading.clone();
+        Model::script(move |r, _| match r.at >= ready_at {
+            true => (generation, (200, vec![], r.body.clone())),
+            false => (Duration::ZERO, (503, vec![], loading.clone())),
+        })
+    };
+    let server = HfServer::start([
+        ("/v1/completions", answer(Duration::from_secs(1))),
+        ("/health", answer(Duration::ZERO)),
+    ])
+    .await;
+    let client =
+        layered(ColdStartRetryLayer::new().classifier(tower_cold_start::classifier::LlamaCpp));
+    let calls: Vec<_> = (0..N)
+        .map(|i| {
+            tokio::spawn(send(
+                client.clone(),
+                server.url("/v1/completions"),
+                i.to_string(),
+            ))
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().0, 200);
+    }
+    let sent: Vec<_> = server
+        .received()
+        .into_iter()
+        .filter(|r| r.uri.path() == "/v1/completions" && r.at >= ready_at)
+        .map(|r| r.at - ready_at)
+        .collect();
+    assert_eq!(sent.len(), N, "each caller once, once ready");
+    sent
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_truthful_route_releases_a_crowd_before_the_probes_own_slow_answer() {
+    // With company, checks and requests alternate (every 250 ms here). When
+    // the first probe after ready is a check, /health releases everyone at
+    // once, without waiting for the probe's own 1 s generation.
+    let mut phases = Vec::new();
+    for ms in [3900, 4000, 4100, 4200] {
+        let sent = llama_crowd(Duration::from_millis(ms)).await;
+        phases.push(*sent.iter().max().unwrap());
+    }
+    println!("llama.cpp-like crowd, 20 callers, latest send after ready per phase: {phases:?}");
+    assert!(
+        phases.iter().any(|lag| *lag <= Duration::from_millis(250)),
+        "{phases:?}"
+    );
+    // When it is the request, its own answer releases them, as without a
+    // route: never later.
+    assert!(
+        phases.iter().all(|lag| *lag <= Duration::from_millis(1350)),
+        "{phases:?}"
+    );
+}

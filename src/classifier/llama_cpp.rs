@@ -12,7 +12,12 @@ pub(super) const LOADING_MODEL: &str = "Loading model";
 /// `{"error":{"message":"Loading model","type":"unavailable_error","code":503}}`
 /// on every route. Polled, no hint. A refused connection is the server
 /// starting, or downloading the model it was told to fetch (`-hf`), which
-/// happens before its port opens.
+/// happens before its port opens. Its readiness route is `GET /health`,
+/// truthful in single-model mode (the loading `503` until the model is
+/// loaded, then `200`): it can release the callers waiting on the model
+/// before the probe's own completion comes back. In router mode it says
+/// `200` whatever the models do, and is dropped after the first time it
+/// says ready while the model still answers cold.
 ///
 /// Only the message counts: `503` "no slot available" has the same type
 /// (`unavailable_error`) and is not a cold start. In router mode (no `-m`)
@@ -42,6 +47,10 @@ impl Classify for LlamaCpp {
 
     fn retries_refused(&self) -> bool {
         true
+    }
+
+    fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        super::same_server(uri, "/health")
     }
 }
 

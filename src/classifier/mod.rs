@@ -21,7 +21,7 @@
 //! | [`Vllm`] | `503` `Server is unavailable…` or sleeping; refused connections | poll, via `/health` | none |
 //! | [`Tei`] | `429` `"error_type":"Overloaded"`; refused connections | exponential backoff | none |
 //! | [`Ollama`] | `503` `… maximum pending requests exceeded`; refused connections | exponential backoff | none |
-//! | [`LlamaCpp`] | `503` `{"error":{"message":"Loading model",…}}`; refused connections | poll | none |
+//! | [`LlamaCpp`] | `503` `{"error":{"message":"Loading model",…}}`; refused connections | poll, via `/health` | none |
 //! | [`MlServer`] | `400` `… is not ready yet.`; refused connections | poll | none |
 //! | [`RayServe`] | `503`/`429` text `Request dropped due to backpressure`; refused connections | poll, or `Retry-After` | none |
 //! | [`ErrorText`] | your statuses and text (JSON or `text/plain`) | poll, or your hint | yours |
