@@ -1,0 +1,227 @@
+//! `cold-start-proxy`: tower-cold-start's layer as a sidecar, for every
+//! client that cannot take a tower layer (Python, JavaScript, async-openai).
+//! See `--help`.
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod forward;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::Request;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower_cold_start::classifier;
+use tower_cold_start::{key, ColdStartRetryLayer, KeepWarmSchedule};
+
+use crate::args::{Args, Classifier};
+use crate::forward::{Layered, Proxy};
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) if !error.use_stderr() => {
+            // --help, --version.
+            let _ = error.print();
+            std::process::exit(0);
+        }
+        Err(error) => {
+            // One line, before anything listens.
+            let text = error.to_string();
+            let line = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("cold-start-proxy: {}", line.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COLD_START_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    if let Err(error) = runtime.block_on(run(args)) {
+        eprintln!("cold-start-proxy: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// The layer the flags describe.
+fn layer(args: &Args) -> ColdStartRetryLayer {
+    let layer = ColdStartRetryLayer::new();
+    let layer = match args.classifier {
+        Classifier::Known => layer,
+        Classifier::Huggingface => layer.classifier(classifier::HuggingFace),
+        Classifier::InferenceEndpoints => layer.classifier(classifier::InferenceEndpoints),
+        Classifier::RetryAfter => layer.classifier(classifier::RetryAfter::new()),
+        Classifier::Kserve => layer.classifier(classifier::KServe),
+        Classifier::Triton => layer.classifier(classifier::Triton::new()),
+        Classifier::Vllm => layer.classifier(classifier::Vllm),
+        Classifier::Tgi => layer.classifier(classifier::TgiOverloaded),
+        Classifier::Tei => layer.classifier(classifier::Tei),
+        Classifier::Ollama => layer.classifier(classifier::Ollama),
+        Classifier::LlamaCpp => layer.classifier(classifier::LlamaCpp),
+        Classifier::Mlserver => layer.classifier(classifier::MlServer),
+        Classifier::RayServe => layer.classifier(classifier::RayServe),
+    };
+    let layer = match args.retry_refused {
+        Some(retry) => layer.retry_refused(retry),
+        None => layer,
+    };
+    let layer = layer
+        .max_total_wait(args.max_total_wait)
+        .body_limit(args.body_limit)
+        .total_body_limit(args.total_body_limit);
+    match &args.model_key {
+        Some(field) => layer.model_key(key::json_field(field.clone())),
+        None => layer,
+    }
+}
+
+fn client(args: &Args) -> Result<Layered, std::io::Error> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+    let upstream = forward::with_attempt_timeout(upstream, args.attempt_timeout);
+    Ok(tower::ServiceBuilder::new()
+        .layer(layer(args))
+        .service(upstream))
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let listener = TcpListener::bind(args.listen).await?;
+    let local = listener.local_addr()?;
+    let proxy = Arc::new(Proxy {
+        client: client(&args)?,
+        upstream: args.upstream.clone(),
+        metrics,
+    });
+    warm(&args, &proxy.client);
+    // The line a supervisor (or a test) waits for.
+    println!(
+        "cold-start-proxy listening on {local}, forwarding to {}",
+        args.upstream
+    );
+    tracing::info!(%local, upstream = %args.upstream, "listening");
+
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        continue;
+                    }
+                };
+                let proxy = Arc::clone(&proxy);
+                let service = forward::Service(Arc::clone(&proxy));
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            () = &mut stop => break,
+        }
+    }
+    // No new connections; those open finish their requests, or are cut at
+    // the grace period.
+    drop(listener);
+    tracing::info!(grace_ms = args.grace.as_millis() as u64, "shutting down");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("every request finished"),
+        () = tokio::time::sleep(args.grace) => tracing::warn!("grace period over; cutting requests in flight"),
+    }
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Warms each `--warm` model now, then keeps it warm, in the background.
+fn warm(args: &Args, client: &Layered) {
+    for model in &args.warm {
+        let uri = format!(
+            "{}{}",
+            args.upstream.to_string().trim_end_matches('/'),
+            model.path
+        );
+        let body = Bytes::from(model.body.clone());
+        let ping = move || {
+            Request::post(uri.as_str())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .expect("a valid warm-up request")
+        };
+        // The warm-up pings through a client of their own body type, over
+        // the same layer and upstream settings.
+        let warm_client = tower::ServiceBuilder::new().layer(layer(args)).service(
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_webpki_roots()
+                    .https_or_http()
+                    .enable_http1()
+                    .build(),
+            ),
+        );
+        let path = model.path.clone();
+        let every = args.keep_warm_every;
+        let _ = client;
+        tokio::spawn(async move {
+            let outcome = tower_cold_start::warm_up(
+                warm_client.clone(),
+                ping.clone(),
+                std::time::Duration::from_secs(600),
+            )
+            .await;
+            tracing::info!(path, outcome = ?outcome_name(&outcome), "warm-up");
+            let keep = tower_cold_start::keep_warm(
+                warm_client,
+                ping,
+                KeepWarmSchedule::new().interval(every),
+            );
+            // Kept for the life of the process.
+            std::mem::forget(keep);
+        });
+    }
+}
+
+fn outcome_name(outcome: &tower_cold_start::WarmUpOutcome) -> &'static str {
+    match outcome {
+        tower_cold_start::WarmUpOutcome::Warm { .. } => "warm",
+        tower_cold_start::WarmUpOutcome::TimedOut { .. } => "timed out",
+        tower_cold_start::WarmUpOutcome::Failed(_) => "failed",
+        _ => "other",
+    }
+}
