@@ -12,7 +12,10 @@ use http::Uri;
 /// as it was sent, and a cold start (a loading answer, a server still
 /// booting) is waited out in between, as tower-cold-start's
 /// ColdStartRetryLayer does. Its own routes: GET /_cold_start/health and
-/// GET /_cold_start/metrics (Prometheus).
+/// GET /_cold_start/metrics (Prometheus). Logs go to stderr, one line per
+/// cold start (COLD_START_LOG sets the filter, e.g. `debug`). SIGTERM or
+/// Ctrl-C stops it: no new connections, requests in flight finish within
+/// --grace.
 #[derive(Debug, Parser)]
 #[command(name = "cold-start-proxy", version, about, long_about)]
 pub(crate) struct Args {

@@ -39,11 +39,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // One line per cold start (the proxy's own), not one per wait (the
+    // layer's), unless COLD_START_LOG asks for more.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COLD_START_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,tower_cold_start=warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
