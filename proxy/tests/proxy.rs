@@ -32,12 +32,16 @@ struct Running {
 
 impl Running {
     async fn start(args: &[&str]) -> Running {
+        Self::start_logging(args, "warn", Stdio::inherit()).await
+    }
+
+    async fn start_logging(args: &[&str], filter: &str, stderr: Stdio) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cold-start-proxy"))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
-            .env("COLD_START_LOG", "warn")
+            .env("COLD_START_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("the binary runs");
@@ -449,4 +453,109 @@ async fn a_bad_flag_or_url_is_one_line_and_exit_status_2_before_listening() {
     ] {
         assert!(text.contains(name), "{name} in --help:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_budget_spent_on_loading_answers_gives_the_last_one_as_it_came() {
+    let loading = br#"{"error":"Model with name m is not ready."}"#;
+    let server = HfServer::start([(
+        "/v2/models/m/infer",
+        Model::fixed(503, "application/json", &loading[..]),
+    )])
+    .await;
+    let proxy = Running::start(&["--upstream", &server.url(""), "--max-total-wait", "1s"]).await;
+    let request = Request::post(proxy.url("/v2/models/m/infer"))
+        .body(full("{}"))
+        .unwrap();
+    let (status, headers, body, _) = collect(client().request(request).await.unwrap()).await;
+    assert_eq!((status, &body[..]), (503, &loading[..]));
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(server.count() >= 2, "waited out, then given up");
+}
+
+#[tokio::test]
+async fn no_header_value_userinfo_or_query_reaches_the_log_at_trace() {
+    let server = HfServer::start([("/models/m", Model::cold(Duration::from_millis(600)))]).await;
+    let mut proxy =
+        Running::start_logging(&["--upstream", &server.url("")], "trace", Stdio::piped()).await;
+    let request = Request::post(proxy.url("/models/m?api_key=s3cret&token=t0ken"))
+        .header("authorization", "Bearer TopSecretToken")
+        .body(full("{}"))
+        .unwrap();
+    assert_eq!(client().request(request).await.unwrap().status(), 200);
+    // A refused upstream too: its error text names a URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut refused = Running::start_logging(
+        &["--upstream", &format!("http://127.0.0.1:{port}")],
+        "trace",
+        Stdio::piped(),
+    )
+    .await;
+    let request = Request::post(refused.url("/v1/x?api_key=s3cret"))
+        .body(full("{}"))
+        .unwrap();
+    assert_eq!(client().request(request).await.unwrap().status(), 502);
+    let mut text = String::new();
+    for running in [&mut proxy, &mut refused] {
+        let _ = running.child.start_kill();
+        let output = running.child.wait_with_output_ref().await;
+        text.push_str(&output);
+    }
+    assert!(text.contains("cold start"), "{text}");
+    for secret in ["s3cret", "t0ken", "TopSecretToken"] {
+        assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+    }
+}
+
+/// Reads what a killed child wrote to its stderr.
+trait StderrOf {
+    async fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl StderrOf for Child {
+    async fn wait_with_output_ref(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        let _ = self.wait().await;
+        let mut text = String::new();
+        if let Some(mut stderr) = self.stderr.take() {
+            let _ = stderr.read_to_string(&mut text).await;
+        }
+        text
+    }
+}
+
+#[tokio::test]
+async fn a_model_named_with_warm_is_warmed_at_start_up() {
+    let server = HfServer::start([("/models/m", Model::cold(Duration::from_millis(500)))]).await;
+    let _proxy = Running::start(&[
+        "--upstream",
+        &server.url(""),
+        "--warm",
+        r#"/models/m={"inputs":"ping"}"#,
+    ])
+    .await;
+    // No client calls: the proxy warms the model by itself.
+    for _ in 0..50 {
+        if server
+            .received()
+            .iter()
+            .any(|r| r.at.elapsed() < Duration::from_secs(60) && server.count() >= 2)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = server.received();
+    assert!(
+        received.len() >= 2,
+        "the cold answer, then the retry: {}",
+        received.len()
+    );
+    assert!(received
+        .iter()
+        .all(|r| r.body == br#"{"inputs":"ping"}"#[..]));
 }
