@@ -540,11 +540,7 @@ async fn a_model_named_with_warm_is_warmed_at_start_up() {
     .await;
     // No client calls: the proxy warms the model by itself.
     for _ in 0..50 {
-        if server
-            .received()
-            .iter()
-            .any(|r| r.at.elapsed() < Duration::from_secs(60) && server.count() >= 2)
-        {
+        if server.count() >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
