@@ -106,8 +106,11 @@ impl Asked {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn now(&self) {
-        self.0.store(true, Ordering::Relaxed);
+    /// Records that a client asked, where the body is watched.
+    fn now(asked: &Option<Asked>) {
+        if let Some(asked) = asked {
+            asked.0.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -192,9 +195,7 @@ where
                 trailers,
                 asked,
             } => {
-                if let Some(asked) = asked {
-                    asked.now();
-                }
+                Asked::now(asked);
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -223,9 +224,7 @@ where
                 trailers,
                 asked,
             } => {
-                if let Some(asked) = asked {
-                    asked.now();
-                }
+                Asked::now(asked);
                 data.is_none() && trailers.is_none()
             }
             Kind::Stream { prefix, rest } => {

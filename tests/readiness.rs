@@ -36,6 +36,14 @@ fn infer_ready_at(ready_at: Instant) -> Model {
     })
 }
 
+/// A truthful readiness route: `503` until `ready_at`, then `200`.
+fn truthful_route(ready_at: Instant) -> Model {
+    Model::script(move |r, _| {
+        let status = if r.at >= ready_at { 200 } else { 503 };
+        (Duration::ZERO, (status, vec![], Bytes::new()))
+    })
+}
+
 /// A readiness route that answers `status` after `delay`, always.
 fn route(status: u16, delay: Duration) -> Model {
     Model::script(move |_, _| (delay, (status, vec![], Bytes::new())))
@@ -254,13 +262,7 @@ async fn with_a_truthful_route_a_large_upload_goes_out_twice_at_most() {
     let ready_at = start + Duration::from_secs(10);
     let server = HfServer::start([
         (INFER, infer_ready_at(ready_at)),
-        (
-            READY,
-            Model::script(move |r, _| {
-                let status = if r.at >= ready_at { 200 } else { 503 };
-                (Duration::ZERO, (status, vec![], Bytes::new()))
-            }),
-        ),
+        (READY, truthful_route(ready_at)),
     ])
     .await;
     let (status, report, _) = post(kserve(Duration::from_secs(30)), &server, upload()).await;
@@ -350,13 +352,7 @@ async fn the_event_attempt_moves_with_every_poll_checks_included() {
     let ready_at = start + Duration::from_secs(3);
     let server = HfServer::start([
         (INFER, infer_ready_at(ready_at)),
-        (
-            READY,
-            Model::script(move |r, _| {
-                let status = if r.at >= ready_at { 200 } else { 503 };
-                (Duration::ZERO, (status, vec![], Bytes::new()))
-            }),
-        ),
+        (READY, truthful_route(ready_at)),
     ])
     .await;
     let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -91,14 +91,19 @@ fn layer(args: &Args) -> ColdStartRetryLayer {
     }
 }
 
-fn client(args: &Args) -> Result<Layered, std::io::Error> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+/// HTTP and HTTPS (rustls, the Mozilla roots; HTTP/2 where the server offers it).
+fn connector() -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
-    let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+        .build()
+}
+
+fn client(args: &Args) -> Result<Layered, std::io::Error> {
+    let upstream =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector());
     let upstream = forward::with_attempt_timeout(upstream, args.attempt_timeout);
     Ok(tower::ServiceBuilder::new()
         .layer(layer(args))
@@ -114,7 +119,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         upstream: args.upstream.clone(),
         metrics,
     });
-    warm(&args, &proxy.client);
+    warm(&args);
     // The line a supervisor (or a test) waits for.
     println!(
         "cold-start-proxy listening on {local}, forwarding to {}",
@@ -173,7 +178,7 @@ async fn shutdown_signal() {
 }
 
 /// Warms each `--warm` model now, then keeps it warm, in the background.
-fn warm(args: &Args, client: &Layered) {
+fn warm(args: &Args) {
     for model in &args.warm {
         let uri = format!(
             "{}{}",
@@ -200,7 +205,6 @@ fn warm(args: &Args, client: &Layered) {
         );
         let path = model.path.clone();
         let every = args.keep_warm_every;
-        let _ = client;
         tokio::spawn(async move {
             let outcome = tower_cold_start::warm_up(
                 warm_client.clone(),
