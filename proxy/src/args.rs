@@ -28,6 +28,11 @@ pub(crate) struct Args {
     #[arg(long, env = "COLD_START_UPSTREAM", value_parser = upstream)]
     pub(crate) upstream: Uri,
 
+    /// PEM certificates to trust for an HTTPS upstream (an internal CA),
+    /// besides the Mozilla roots.
+    #[arg(long, env = "COLD_START_UPSTREAM_CA")]
+    pub(crate) upstream_ca: Option<std::path::PathBuf>,
+
     /// Which answers are cold starts: `known` recognises every server's
     /// exact marker (HuggingFace, KServe, Triton, vLLM, TGI, TEI, Ollama,
     /// llama.cpp, MLServer, Ray Serve); a server's name uses its built-in

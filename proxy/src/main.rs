@@ -91,35 +91,62 @@ fn layer(args: &Args) -> ColdStartRetryLayer {
     }
 }
 
-/// HTTP and HTTPS (rustls, the Mozilla roots; HTTP/2 where the server offers it).
-fn connector() -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// HTTP and HTTPS (rustls; the Mozilla roots and `--upstream-ca`; HTTP/2
+/// where the server offers it).
+fn connector(args: &Args) -> Result<Connector, Box<dyn std::error::Error>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &args.upstream_ca {
+        use rustls_pki_types::pem::PemObject;
+        let mut added = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?
+        {
+            let cert = cert.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("--upstream-ca {}: no certificate in it", path.display()).into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build()
+        .build())
 }
 
-fn client(args: &Args) -> Result<Layered, std::io::Error> {
+fn client(args: &Args, connector: Connector) -> Layered {
     let upstream =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector());
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
     let upstream = forward::with_attempt_timeout(upstream, args.attempt_timeout);
-    Ok(tower::ServiceBuilder::new()
+    tower::ServiceBuilder::new()
         .layer(layer(args))
-        .service(upstream))
+        .service(upstream)
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let connector = connector(&args)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
     let proxy = Arc::new(Proxy {
-        client: client(&args)?,
+        client: client(&args, connector.clone()),
         upstream: args.upstream.clone(),
         metrics,
     });
-    warm(&args);
+    warm(&args, &connector);
     // The line a supervisor (or a test) waits for.
     println!(
         "cold-start-proxy listening on {local}, forwarding to {}",
@@ -178,7 +205,7 @@ async fn shutdown_signal() {
 }
 
 /// Warms each `--warm` model now, then keeps it warm, in the background.
-fn warm(args: &Args) {
+fn warm(args: &Args, connector: &Connector) {
     for model in &args.warm {
         let uri = format!(
             "{}{}",
@@ -195,13 +222,8 @@ fn warm(args: &Args) {
         // The warm-up pings through a client of their own body type, over
         // the same layer and upstream settings.
         let warm_client = tower::ServiceBuilder::new().layer(layer(args)).service(
-            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_webpki_roots()
-                    .https_or_http()
-                    .enable_http1()
-                    .build(),
-            ),
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build(connector.clone()),
         );
         let path = model.path.clone();
         let every = args.keep_warm_every;

@@ -555,3 +555,78 @@ async fn a_model_named_with_warm_is_warmed_at_start_up() {
         .iter()
         .all(|r| r.body == br#"{"inputs":"ping"}"#[..]));
 }
+
+/// An HTTPS upstream on 127.0.0.1, with the test certificate (signed by
+/// `tests/tls/ca.pem`, for 127.0.0.1 and localhost), answering the loading
+/// 503 once, then echoing.
+async fn https_upstream() -> String {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let first = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                        let response = if first {
+                            Response::builder()
+                                .status(503)
+                                .body(full(&br#"{"error":"Model m is currently loading","estimated_time":1.0}"#[..]))
+                                .unwrap()
+                        } else {
+                            Response::new(full(body))
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    format!("https://localhost:{}", addr.port())
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_an_internal_ca_is_reached_and_waited_out() {
+    let upstream = https_upstream().await;
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/ca.pem");
+    // Without the CA, the upstream's certificate is not trusted.
+    let untrusted = Running::start(&["--upstream", &upstream]).await;
+    let request = Request::post(untrusted.url("/models/m"))
+        .body(full("{}"))
+        .unwrap();
+    let (status, _, body, _) = collect(client().request(request).await.unwrap()).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    let proxy = Running::start(&["--upstream", &upstream, "--upstream-ca", ca]).await;
+    let request = Request::post(proxy.url("/models/m"))
+        .body(full("over TLS"))
+        .unwrap();
+    let (status, _, body, _) = collect(client().request(request).await.unwrap()).await;
+    assert_eq!((status, &body[..]), (200, &b"over TLS"[..]));
+}
