@@ -296,7 +296,31 @@ async fn an_unreachable_upstream_answers_502_with_the_cause() {
             json["detail"].as_str().unwrap().contains("onnect"),
             "{json}"
         );
+        let metrics = Request::get(proxy.url("/_cold_start/metrics"))
+            .body(full(""))
+            .unwrap();
+        let (_, _, text, _) = collect(client().request(metrics).await.unwrap()).await;
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        assert!(
+            text.contains("cold_start_proxy_upstream_errors_total 1"),
+            "{text}"
+        );
     }
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_timeout_answers_504() {
+    let base = upstream(|_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let proxy = Running::start(&["--upstream", &base, "--attempt-timeout", "300ms"]).await;
+    let request = Request::post(proxy.url("/v1/x")).body(full("{}")).unwrap();
+    let (status, _, body, _) = collect(client().request(request).await.unwrap()).await;
+    assert_eq!(status, 504);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "upstream timed out");
 }
 
 #[tokio::test]
@@ -384,14 +408,20 @@ async fn an_h2c_client_is_served() {
 }
 
 #[tokio::test]
-async fn sigterm_lets_a_call_in_flight_finish_and_takes_no_new_ones() {
+async fn sigterm_and_ctrl_c_let_a_call_in_flight_finish_and_take_no_new_ones() {
     let base = upstream(|req: Request<Incoming>| async move {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         tokio::time::sleep(Duration::from_millis(800)).await;
         Response::new(full(body))
     })
     .await;
-    let mut proxy = Running::start(&["--upstream", &base, "--grace", "10s"]).await;
+    for signal in ["-TERM", "-INT"] {
+        shuts_down_gracefully(&base, signal).await;
+    }
+}
+
+async fn shuts_down_gracefully(base: &str, signal: &str) {
+    let mut proxy = Running::start(&["--upstream", base, "--grace", "10s"]).await;
     let url = proxy.url("/slow");
     let call = tokio::spawn(async move {
         let request = Request::post(url).body(full("in flight")).unwrap();
@@ -400,7 +430,7 @@ async fn sigterm_lets_a_call_in_flight_finish_and_takes_no_new_ones() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = proxy.child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([signal, pid.as_str()])
         .status()
         .unwrap();
     assert!(killed.success());
