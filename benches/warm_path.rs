@@ -13,7 +13,7 @@
 //! cargo bench --bench warm_path
 //! ```
 //!
-//! With `-- --count <service> <requests>` it instead sends that many
+//! With `-- --count <service> <requests> [spawn|loop]` it instead sends that many
 //! requests through one service (`bare`, `identity`, `tower_retry`,
 //! `follow_redirect` or `layered`; with `--features reqwest` also
 //! `reqwest_bare` and `reqwest_layered`) on a current-thread runtime and exits:
@@ -355,9 +355,44 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Debug,
 {
+    if LOOP.load(std::sync::atomic::Ordering::Relaxed) {
+        return loops(&client, url, body, n).await;
+    }
     let mut total = 0;
     for _ in 0..n / CALLERS {
         total += burst(&client, url, body).await;
+    }
+    total
+}
+
+/// Whether `--count` runs the other pattern: each of `CALLERS` tasks loops
+/// over its share of the requests, instead of a task spawned per request.
+static LOOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `CALLERS` tasks, each sending `n / CALLERS` requests one after another
+/// through its own clone of `client`.
+async fn loops<S, B>(client: &S, url: &'static str, body: &'static Bytes, n: usize) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CALLERS {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut read = 0;
+            for _ in 0..n / CALLERS {
+                read += call(client.clone(), request(url, body)).await;
+            }
+            read
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.unwrap();
     }
     total
 }
@@ -437,7 +472,10 @@ fn main() {
         let n = args
             .get(at + 2)
             .and_then(|n| n.parse().ok())
-            .expect("--count <service> <requests>");
+            .expect("--count <service> <requests> [spawn|loop]");
+        if args.get(at + 3).is_some_and(|p| p == "loop") {
+            LOOP.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         return count(service, n);
     }
     let mut c = Criterion::default()
