@@ -75,6 +75,18 @@ impl ErrorText {
     }
 }
 
+/// A self-hosted server's "not ready": an answer with `status` whose error
+/// says `text`, polled at the self-hosted pace with no hint. The rule of
+/// every built-in for a server users run next to the client.
+pub(crate) fn not_ready(
+    response: &ResponseView<'_>,
+    status: StatusCode,
+    text: &str,
+) -> Option<ColdStart> {
+    (response.status == status && error_says(response, text))
+        .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(super::SELF_HOSTED_POLL))
+}
+
 /// Whether the response's error message contains `text`: a JSON object's
 /// `error` (a string), `error.message`, `message` or `detail`, or a
 /// `text/plain` body (UTF-8) as a whole. The one reader of error messages

@@ -2,10 +2,10 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
+use super::error_text::not_ready;
 use super::{
-    vllm, Classify, ColdStart, Hint, Hold, HuggingFace, KServe, LlamaCpp, MlServer, Ollama,
-    RayServe, ResponseView, Tei, TgiOverloaded, Triton, SELF_HOSTED_POLL,
+    vllm, Classify, ColdStart, Hold, HuggingFace, KServe, LlamaCpp, MlServer, Ollama, RayServe,
+    ResponseView, Tei, TgiOverloaded, Triton,
 };
 
 /// Every answer a built-in recognises by an exact marker: the layer's
@@ -100,15 +100,14 @@ impl Classify for KnownServers {
 /// vLLM's exact marker alone (its sleeping `503` is matched loosely, so
 /// only [`Vllm`](super::Vllm) waits it out).
 fn vllm_unavailable(response: &ResponseView<'_>) -> Option<ColdStart> {
-    (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, vllm::UNAVAILABLE))
-        .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+    not_ready(response, StatusCode::SERVICE_UNAVAILABLE, vllm::UNAVAILABLE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::classifier::test_support::{headers, view};
-    use crate::classifier::Vllm;
+    use crate::classifier::{Hint, Vllm};
     use http::HeaderMap;
 
     #[test]

@@ -2,8 +2,8 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
+use super::error_text::not_ready;
+use super::{Classify, ColdStart, ResponseView};
 
 /// KServe's model server while a model loads: `503`
 /// `{"error":"Model with name <name> is not ready."}`, on the v1
@@ -20,7 +20,7 @@ use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 pub struct KServe;
 
 /// What KServe's `ModelNotReady` (and its "Server is not ready.") says.
-pub(super) const NOT_READY: &str = "is not ready";
+const NOT_READY: &str = "is not ready";
 
 impl Classify for KServe {
     fn may_be_cold_start(&self, status: StatusCode, _held: bool) -> bool {
@@ -28,8 +28,7 @@ impl Classify for KServe {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, NOT_READY))
-            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+        not_ready(response, StatusCode::SERVICE_UNAVAILABLE, NOT_READY)
     }
 
     fn retries_refused(&self) -> bool {

@@ -2,11 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
+use super::error_text::not_ready;
+use super::{Classify, ColdStart, ResponseView};
 
 /// What `llama-server` says on every route while its model loads.
-pub(super) const LOADING_MODEL: &str = "Loading model";
+const LOADING_MODEL: &str = "Loading model";
 
 /// llama.cpp's `llama-server` while its model loads: `503`
 /// `{"error":{"message":"Loading model","type":"unavailable_error","code":503}}`
@@ -41,8 +41,7 @@ impl Classify for LlamaCpp {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        (response.status == StatusCode::SERVICE_UNAVAILABLE && error_says(response, LOADING_MODEL))
-            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+        not_ready(response, StatusCode::SERVICE_UNAVAILABLE, LOADING_MODEL)
     }
 
     fn retries_refused(&self) -> bool {
@@ -58,6 +57,7 @@ impl Classify for LlamaCpp {
 mod tests {
     use super::*;
     use crate::classifier::test_support::{headers, view};
+    use crate::classifier::Hint;
 
     /// The bodies captured from a real `llama-server` (single-model mode
     /// while loading; `GET /slots?fail_on_no_slot=1` with every slot busy;

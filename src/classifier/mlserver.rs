@@ -2,11 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
+use super::error_text::not_ready;
+use super::{Classify, ColdStart, ResponseView};
 
 /// What MLServer's `ModelNotReady` says.
-pub(super) const NOT_READY_YET: &str = "is not ready yet.";
+const NOT_READY_YET: &str = "is not ready yet.";
 
 /// MLServer while a model loads: `400` `{"error":"Model <name> is not ready
 /// yet."}` from its infer route (MLServer answers "not ready" with a `400`,
@@ -36,8 +36,7 @@ impl Classify for MlServer {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        (response.status == StatusCode::BAD_REQUEST && error_says(response, NOT_READY_YET))
-            .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+        not_ready(response, StatusCode::BAD_REQUEST, NOT_READY_YET)
     }
 
     fn retries_refused(&self) -> bool {

@@ -6,7 +6,7 @@ use super::error_text::error_says;
 use super::{Classify, ColdStart, Hint, ResponseView};
 
 /// What Ollama's `ErrMaxQueue` says.
-pub(super) const QUEUE_FULL: &str = "maximum pending requests exceeded";
+const QUEUE_FULL: &str = "maximum pending requests exceeded";
 
 /// Ollama over `OLLAMA_MAX_QUEUE` (512 by default): `503`
 /// `{"error":"server busy, please try again.  maximum pending requests exceeded"}`

@@ -9,7 +9,7 @@ use super::retry_after::retry_after;
 use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
 
 /// What Ray Serve's `BackPressureError` says.
-pub(super) const BACKPRESSURE: &str = "Request dropped due to backpressure";
+const BACKPRESSURE: &str = "Request dropped due to backpressure";
 
 /// Ray Serve when a deployment's queue is full (`max_queued_requests`),
 /// as it fills while replicas scale up from zero: `503` `text/plain`

@@ -2,11 +2,11 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
+use super::error_text::not_ready;
+use super::{Classify, ColdStart, ResponseView};
 
 /// What Triton says of a model version that is not ready.
-pub(super) const NOT_AT_READY_STATE: &str = "is not at ready state";
+const NOT_AT_READY_STATE: &str = "is not at ready state";
 
 /// Triton while a model (or one version of it) loads: `503`
 /// `{"error":"'<model>' version <n> is not at ready state"}`. Polled, no
@@ -47,14 +47,18 @@ impl Classify for Triton {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        let loading = match response.status {
-            StatusCode::SERVICE_UNAVAILABLE => error_says(response, NOT_AT_READY_STATE),
-            StatusCode::NOT_FOUND if self.not_found => {
-                error_says(response, "has no available versions")
-            }
-            _ => false,
+        let not_found = || {
+            let text = "has no available versions";
+            self.not_found
+                .then(|| not_ready(response, StatusCode::NOT_FOUND, text))
+                .flatten()
         };
-        loading.then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+        not_ready(
+            response,
+            StatusCode::SERVICE_UNAVAILABLE,
+            NOT_AT_READY_STATE,
+        )
+        .or_else(not_found)
     }
 
     fn retries_refused(&self) -> bool {

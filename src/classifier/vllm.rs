@@ -2,8 +2,8 @@
 
 use http::StatusCode;
 
-use super::error_text::error_says;
-use super::{Classify, ColdStart, Hint, ResponseView, SELF_HOSTED_POLL};
+use super::error_text::not_ready;
+use super::{Classify, ColdStart, ResponseView};
 
 /// What vLLM's `ServiceUnavailableMiddleware` says.
 pub(super) const UNAVAILABLE: &str = "Server is unavailable. Please try again later.";
@@ -28,10 +28,8 @@ impl Classify for Vllm {
     }
 
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
-        let says = |text| error_says(response, text);
-        (response.status == StatusCode::SERVICE_UNAVAILABLE
-            && (says(UNAVAILABLE) || says("sleeping")))
-        .then(|| ColdStart::new(Hint::Unknown).with_poll_interval(SELF_HOSTED_POLL))
+        let unavailable = |text| not_ready(response, StatusCode::SERVICE_UNAVAILABLE, text);
+        unavailable(UNAVAILABLE).or_else(|| unavailable("sleeping"))
     }
 
     fn retries_refused(&self) -> bool {
