@@ -985,12 +985,7 @@ where
             Ok(StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) => {
                 // Up again after a refusal: the next probe is the request,
                 // so that the model's own answer is the latest one kept.
-                let refused_last = self
-                    .cold
-                    .as_ref()
-                    .and_then(|cold| cold.last.as_ref())
-                    .is_some_and(|last| last.refused.is_some());
-                if refused_last {
+                if self.latest().is_some_and(|last| last.refused.is_some()) {
                     self.check_next = false;
                 }
                 self.poll_again(&self.not_ready(), attempt)
@@ -1011,7 +1006,7 @@ where
 
     /// A readiness check had no answer by its deadline: the budget is spent,
     /// or the route is too slow to help, and the request goes now.
-    pub(crate) fn check_timed_out(&mut self, _attempt: Attempt) -> Step<S::Future, ResBody> {
+    pub(crate) fn check_timed_out(&mut self) -> Step<S::Future, ResBody> {
         if self.remaining().is_zero() {
             return self.give_up(GaveUp::Budget);
         }
@@ -1019,15 +1014,15 @@ where
         Step::Ready
     }
 
+    /// The latest cold-start answer this call keeps, if any.
+    fn latest(&self) -> Option<&Snapshot> {
+        self.cold.as_ref()?.last.as_deref()
+    }
+
     /// A check's "not ready", paced as the model's latest answer asks.
     fn not_ready(&self) -> ColdStart {
-        let poll = self
-            .cold
-            .as_ref()
-            .and_then(|cold| cold.last.as_ref())
-            .and_then(|last| last.poll);
         let cold = ColdStart::new(Hint::Unknown);
-        match poll {
+        match self.latest().and_then(|last| last.poll) {
             Some(poll) => cold.with_poll_interval(poll),
             None => cold,
         }
@@ -1158,9 +1153,9 @@ fn with_query_of(route: Uri, uri: &Uri) -> Uri {
     };
     let mut parts = route.into_parts();
     let path = parts.path_and_query.as_ref().map_or("/", |p| p.path());
-    match format!("{path}?{query}").parse() {
-        Ok(path_and_query) => parts.path_and_query = Some(path_and_query),
-        Err(_) => return Uri::from_parts(parts).unwrap_or_default(),
+    // A query that would not parse again is left off.
+    if let Ok(path_and_query) = format!("{path}?{query}").parse() {
+        parts.path_and_query = Some(path_and_query);
     }
     Uri::from_parts(parts).unwrap_or_default()
 }

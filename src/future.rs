@@ -183,7 +183,7 @@ where
                     Poll::Ready(answer) => call.answered(answer, *attempt),
                     Poll::Pending => {
                         ready!(deadline.as_mut().poll(cx));
-                        call.check_timed_out(*attempt)
+                        call.check_timed_out()
                     }
                 },
                 StateProj::Readying => {
