@@ -127,26 +127,27 @@ fn connector(args: &Args) -> Result<Connector, Box<dyn std::error::Error>> {
         .build())
 }
 
-fn client(args: &Args, connector: Connector) -> Layered {
+fn client(args: &Args, layer: &ColdStartRetryLayer, connector: Connector) -> Layered {
     let upstream =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
     let upstream = forward::with_attempt_timeout(upstream, args.attempt_timeout);
-    tower::ServiceBuilder::new()
-        .layer(layer(args))
-        .service(upstream)
+    tower::ServiceBuilder::new().layer(layer).service(upstream)
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let connector = connector(&args)?;
+    // One layer for the proxy's calls and its warm-ups: one registry of
+    // cold models, so a caller arriving during a warm-up waits behind it.
+    let layer = layer(&args);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
     let proxy = Arc::new(Proxy {
-        client: client(&args, connector.clone()),
+        client: client(&args, &layer, connector.clone()),
         upstream: args.upstream.clone(),
         metrics,
     });
-    warm(&args, &connector);
+    warm(&args, &layer, &connector);
     // The line a supervisor (or a test) waits for.
     println!(
         "cold-start-proxy listening on {local}, forwarding to {}",
@@ -205,7 +206,7 @@ async fn shutdown_signal() {
 }
 
 /// Warms each `--warm` model now, then keeps it warm, in the background.
-fn warm(args: &Args, connector: &Connector) {
+fn warm(args: &Args, layer: &ColdStartRetryLayer, connector: &Connector) {
     for model in &args.warm {
         let uri = format!(
             "{}{}",
@@ -221,7 +222,7 @@ fn warm(args: &Args, connector: &Connector) {
         };
         // The warm-up pings through a client of their own body type, over
         // the same layer and upstream settings.
-        let warm_client = tower::ServiceBuilder::new().layer(layer(args)).service(
+        let warm_client = tower::ServiceBuilder::new().layer(layer).service(
             hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                 .build(connector.clone()),
         );
