@@ -197,11 +197,7 @@ async fn a_check_carries_the_callers_query_where_credentials_travel() {
 #[tokio::test(start_paused = true)]
 async fn after_a_boot_a_missing_route_does_not_stall_a_server_that_answers() {
     // Refused for 1 s, then the model answers 200 at once and /ready is 404.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::wire::refusing_port();
     let boot = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         HfServer::start_on(
@@ -282,11 +278,7 @@ async fn with_a_truthful_route_a_large_upload_goes_out_twice_at_most() {
 /// `/predict` answers while `/health` says `503 not ready` until every
 /// worker is (8 s).
 async fn litserve(n: usize) -> (Vec<Duration>, usize) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::wire::refusing_port();
     let start = Instant::now();
     let up = start + Duration::from_secs(1);
     let all_up = start + Duration::from_secs(8);
