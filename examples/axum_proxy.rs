@@ -28,10 +28,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
-use tower_cold_start::{
-    keep_warm, warm_up, ColdStartReport, ColdStartRetry, ColdStartRetryLayer, KeepWarmSchedule,
-    RequestBody, WarmUpOutcome,
-};
+use tower_cold_start::warm::{keep_warm, warm_up, KeepWarmSchedule, WarmUpOutcome};
+use tower_cold_start::{ColdStartReport, ColdStartRetry, ColdStartRetryLayer, RequestBody};
 
 /// The shared client: clones share the connection pool and the configuration.
 type Upstream = tower::timeout::Timeout<ColdStartRetry<Client<HttpConnector, RequestBody<Body>>>>;

@@ -1,9 +1,12 @@
 //! The response future: one state machine per call.
 //!
-//! Each state polls one thing and hands the result to one decision of the
-//! call's bookkeeping, which says what to do next.
+//! The future owns the inner service. Each phase polls one thing and hands
+//! the result to one decision of the call's `Policy`, which says what to
+//! do next; the future then calls the service with the request the policy
+//! built, as tower's retry future does.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -12,13 +15,14 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{sleep_until, Sleep};
 use tower_service::Service;
 
-use crate::call::{Attempt, Call, Step, Wait};
-use crate::layer::Config;
-use crate::peek::Peek;
-use crate::replay::{self, Reader};
+use crate::config::Shared;
+use crate::loading::Peek;
+use crate::policy::{Attempt, Next, Policy};
+use crate::request_body::Reader;
+use crate::wait::Wait;
 use crate::{BoxError, RequestBody, ResponseBody};
 
 pin_project! {
@@ -29,15 +33,16 @@ pin_project! {
         ResBody: Body,
     {
         #[pin]
-        state: State<S::Future, ReqBody, ResBody>,
-        call: Call<S, ReqBody>,
+        phase: Phase<S::Future, ReqBody, ResBody>,
+        service: S,
+        policy: Policy<ReqBody>,
     }
 }
 
 pin_project! {
-    #[project = StateProj]
-    #[project_replace = StateOwned]
-    enum State<F, ReqBody, ResBody>
+    #[project = PhaseProj]
+    #[project_replace = PhaseOwned]
+    enum Phase<F, ReqBody, ResBody>
     where
         ResBody: Body,
     {
@@ -60,7 +65,7 @@ pin_project! {
             deadline: Pin<Box<Sleep>>,
         },
         // Reading the start of a response that may be a cold start. Boxed,
-        // like the wait: the warm path never gets here, and every state
+        // like the wait: the warm path never gets here, and every phase
         // change moves the whole enum.
         Peeking {
             peek: Box<Peek<ResBody>>,
@@ -81,61 +86,59 @@ pin_project! {
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
     ReqBody: Body<Data = Bytes>,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes>,
-{
-    pub(crate) fn new(service: S, config: Arc<Config>, req: Request<ReqBody>) -> Self {
-        let (parts, body) = req.into_parts();
-        let mut call = Call::new(service, config, parts);
-        // Only planned here; the first poll reads the body (if any) and
-        // sends. The service was polled ready by the caller.
-        let body_limit = call.config().body_limit;
-        let source = replay::plan(body, body_limit, call.allowance());
-        let state = State::Buffering {
-            reader: Reader::new(source, body_limit),
-        };
-        ResponseFuture { state, call }
-    }
-}
-
-impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
-where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     ResBody: Body,
 {
+    pub(crate) fn new(service: S, shared: Arc<Shared>, req: Request<ReqBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        let mut policy = Policy::new(shared, parts);
+        // Only planned here; the first poll reads the body (if any) and
+        // sends. The service was polled ready by the caller.
+        let limit = policy.config().body_limit;
+        let reader = Reader::new(body, limit, policy.allowance());
+        ResponseFuture {
+            phase: Phase::Buffering { reader },
+            service,
+            policy,
+        }
+    }
+
     /// Bounds the whole call by the caller's `deadline` (see
-    /// [`Call::set_deadline`]).
+    /// [`Policy::set_deadline`]).
     #[cfg(feature = "reqwest-middleware")]
     pub(crate) fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
-        self.call.set_deadline(deadline);
+        self.policy.set_deadline(deadline);
         self
     }
 }
 
-impl<F, ReqBody, ResBody: Body> State<F, ReqBody, ResBody> {
-    /// The state a step leads to, and the caller's answer if it is done.
+impl<F, ReqBody, ResBody: Body> Phase<F, ReqBody, ResBody> {
+    /// The phase `next` leads to, calling `service` for a request to send;
+    /// or the caller's answer.
     #[allow(clippy::type_complexity)]
-    fn of(
-        step: Step<F, ResBody>,
-    ) -> (
-        Self,
-        Option<Result<Response<ResponseBody<ResBody>>, BoxError>>,
-    ) {
-        let state = match step {
-            Step::Call(future, attempt) => State::Calling { future, attempt },
-            Step::Check(future, attempt, deadline) => State::Checking {
-                future,
+    fn of<S>(
+        next: Next<ReqBody, ResBody>,
+        service: &mut S,
+    ) -> ControlFlow<Result<Response<ResponseBody<ResBody>>, BoxError>, Self>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>, Future = F>,
+    {
+        ControlFlow::Continue(match next {
+            Next::Send(request, attempt) => Phase::Calling {
+                future: service.call(request),
                 attempt,
-                deadline,
             },
-            Step::Peek(peek, attempt) => State::Peeking { peek, attempt },
-            Step::Wait(wait) => State::Waiting { wait },
-            Step::Ready => State::Readying,
-            Step::Done(answer) => return (State::Done, Some(answer)),
-        };
-        (state, None)
+            Next::Check(request, attempt, deadline) => Phase::Checking {
+                future: service.call(request),
+                attempt,
+                deadline: Box::pin(sleep_until(deadline)),
+            },
+            Next::Peek(peek, attempt) => Phase::Peeking { peek, attempt },
+            Next::Wait(wait) => Phase::Waiting { wait },
+            Next::Ready => Phase::Readying,
+            Next::Done(answer) => return ControlFlow::Break(answer),
+        })
     }
 }
 
@@ -151,51 +154,55 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let call = this.call;
+        let policy = this.policy;
         loop {
-            let step = match this.state.as_mut().project() {
-                StateProj::Buffering { reader } => {
-                    let read = ready!(reader.poll_read(cx, call.allowance()));
-                    call.buffered(read)
+            let next = match this.phase.as_mut().project() {
+                PhaseProj::Buffering { reader } => {
+                    let read = ready!(reader.poll_read(cx, policy.allowance()));
+                    policy.buffered(read)
                 }
-                StateProj::Calling { future, attempt } => {
-                    let answer = ready!(future.poll(cx));
-                    call.answered(answer, *attempt)
+                PhaseProj::Calling { future, attempt } => {
+                    let answer = ready!(future.poll(cx)).map_err(Into::into);
+                    policy.answered(answer, *attempt)
                 }
-                StateProj::Peeking { peek, .. } => {
-                    let end = ready!(peek.poll_read(cx));
-                    // Leave the state, handing what it read to the decision.
-                    match this.state.as_mut().project_replace(State::Done) {
-                        StateOwned::Peeking { peek, attempt } => call.peeked(*peek, end, attempt),
-                        _ => unreachable!("in the Peeking state"),
-                    }
-                }
-                StateProj::Waiting { wait } => {
-                    let registry = &call.config().registry;
-                    let woken = ready!(wait.poll_wake(cx, registry, call.key()));
-                    call.woken(wait, woken)
-                }
-                StateProj::Checking {
+                PhaseProj::Checking {
                     future,
                     attempt,
                     deadline,
                 } => match future.poll(cx) {
-                    Poll::Ready(answer) => call.answered(answer, *attempt),
+                    Poll::Ready(answer) => {
+                        let status = answer.map(|response| response.status());
+                        policy.checked(status.map_err(Into::into), *attempt)
+                    }
                     Poll::Pending => {
                         ready!(deadline.as_mut().poll(cx));
-                        call.check_timed_out()
+                        policy.check_timed_out()
                     }
                 },
-                StateProj::Readying => {
-                    let ready = ready!(call.poll_ready(cx));
-                    call.ready(ready)
+                PhaseProj::Peeking { peek, .. } => {
+                    let end = ready!(peek.poll_read(cx));
+                    // Leave the phase, handing what it read to the decision.
+                    match this.phase.as_mut().project_replace(Phase::Done) {
+                        PhaseOwned::Peeking { peek, attempt } => policy.peeked(*peek, end, attempt),
+                        _ => unreachable!("in the Peeking phase"),
+                    }
                 }
-                StateProj::Done => panic!("ResponseFuture polled after completion"),
+                PhaseProj::Waiting { wait } => {
+                    let woken = ready!(wait.poll_wake(cx));
+                    policy.woken(wait, woken)
+                }
+                PhaseProj::Readying => {
+                    let ready = ready!(this.service.poll_ready(cx)).map_err(Into::into);
+                    policy.ready(ready)
+                }
+                PhaseProj::Done => panic!("ResponseFuture polled after completion"),
             };
-            let (state, answer) = State::of(step);
-            this.state.set(state);
-            if let Some(answer) = answer {
-                return Poll::Ready(answer);
+            match Phase::of(next, this.service) {
+                ControlFlow::Continue(phase) => this.phase.set(phase),
+                ControlFlow::Break(answer) => {
+                    this.phase.set(Phase::Done);
+                    return Poll::Ready(answer);
+                }
             }
         }
     }
@@ -208,18 +215,18 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Neither the request head (it holds credentials) nor the service.
-        let state = match &self.state {
-            State::Buffering { .. } => "reading the request body",
-            State::Calling { .. } => "waiting for a response",
-            State::Checking { .. } => "waiting for a readiness check",
-            State::Peeking { .. } => "reading a response that may be a cold start",
-            State::Waiting { wait } => wait.what(),
-            State::Readying => "waiting for the service to be ready",
-            State::Done => "done",
+        let phase = match &self.phase {
+            Phase::Buffering { .. } => "reading the request body",
+            Phase::Calling { .. } => "waiting for a response",
+            Phase::Checking { .. } => "waiting for a readiness check",
+            Phase::Peeking { .. } => "reading a response that may be a cold start",
+            Phase::Waiting { wait } => wait.what(),
+            Phase::Readying => "waiting for the service to be ready",
+            Phase::Done => "done",
         };
-        let report = self.call.report();
+        let report = self.policy.report();
         f.debug_struct("ResponseFuture")
-            .field("state", &state)
+            .field("state", &phase)
             .field("attempts", &report.attempts())
             .field("waited", &report.waited())
             .finish()

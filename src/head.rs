@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn the_registry_key_is_the_same_from_the_uri_and_from_the_copy() {
-        let registry = crate::gate::Registry::default();
+        let registry = crate::coalesce::Registry::default();
         for uri in [
             "https://api.example.com/models/a?x=1",
             "http://h",

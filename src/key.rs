@@ -6,6 +6,12 @@ use std::collections::BTreeMap;
 use http::{HeaderMap, Uri};
 use serde_json::value::RawValue;
 
+use crate::coalesce::Registry;
+
+/// A user's model key function, hashing its key with the registry's hasher.
+pub(crate) type KeyFn =
+    std::sync::Arc<dyn Fn(&Registry, &Uri, &HeaderMap, &[u8]) -> Option<u64> + Send + Sync>;
+
 /// Groups requests by a top-level string field of their JSON body, such as
 /// the `"model"` of an OpenAI-style request, on the same server: callers of
 /// one model share its cold start whichever route they post to

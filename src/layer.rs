@@ -1,143 +1,16 @@
-//! The layer and its configuration.
+//! The layer, and its setters.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Uri};
-use tower_layer::Layer;
 
-use crate::gate::Registry;
-use crate::wake::WaitBounds;
-use crate::{ColdStartRetry, RetryEvent, WaitStrategy};
+use crate::classifier::LayerClassifier;
+use crate::coalesce::Registry;
+use crate::config::{Config, Shared};
+use crate::{RetryEvent, WaitStrategy};
 
-pub(crate) type RetryHook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
-
-/// A user's readiness route: the route for a request's URI.
-pub(crate) type ReadinessRoute = Arc<dyn Fn(&Uri) -> Option<Uri> + Send + Sync>;
-
-/// A user's model key function, hashing its key with the registry's hasher.
-pub(crate) type ModelKey =
-    Arc<dyn Fn(&Registry, &Uri, &HeaderMap, &[u8]) -> Option<u64> + Send + Sync>;
-
-/// Everything a [`ColdStartRetry`] needs to know, shared by its clones and
-/// its calls behind one `Arc` (one reference count per call).
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) max_total_wait: Duration,
-    pub(crate) max_wait: Duration,
-    pub(crate) default_wait: Duration,
-    pub(crate) max_attempts: u32,
-    pub(crate) body_limit: usize,
-    pub(crate) total_body_limit: usize,
-    // Shared by every service this layer makes (and their clones).
-    pub(crate) pool: Arc<crate::replay::Pool>,
-    pub(crate) hold_retries: bool,
-    // `None`: as the classifier says.
-    pub(crate) hold_first_request: Option<bool>,
-    pub(crate) retry_refused: Option<bool>,
-    // Resolved from the two above and the classifier, once per setter
-    // rather than once per call.
-    pub(crate) first_hold: crate::classifier::Hold,
-    pub(crate) retries_refused: bool,
-    // `None`: the classifier's.
-    pub(crate) readiness: Option<ReadinessRoute>,
-    pub(crate) on_retry: Option<RetryHook>,
-    // Shared by every service this layer makes (and their clones).
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) classifier: crate::classifier::Shared,
-    pub(crate) jitter: bool,
-    pub(crate) wait_strategy: WaitStrategy,
-    // `None`: scheme, authority and path.
-    pub(crate) model_key: Option<ModelKey>,
-}
-
-impl Config {
-    /// Settles what depends on the classifier and the overrides.
-    fn resolve(&mut self) {
-        let classifier = &self.classifier.0;
-        let first = self
-            .hold_first_request
-            .unwrap_or_else(|| classifier.holds_first_request());
-        self.first_hold = if first && self.hold_retries {
-            classifier.hold()
-        } else {
-            crate::classifier::Hold::None
-        };
-        self.retries_refused = self
-            .retry_refused
-            .unwrap_or_else(|| classifier.retries_refused());
-    }
-
-    pub(crate) fn wait_bounds(&self) -> WaitBounds {
-        WaitBounds {
-            default_wait: self.default_wait,
-            max_wait: self.max_wait,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            max_total_wait: Duration::from_secs(120),
-            max_wait: Duration::from_secs(60),
-            default_wait: Duration::from_secs(20),
-            max_attempts: u32::MAX,
-            body_limit: 8 * 1024 * 1024,
-            total_body_limit: 128 * 1024 * 1024,
-            pool: Arc::default(),
-            hold_retries: true,
-            hold_first_request: None,
-            retry_refused: None,
-            first_hold: crate::classifier::Hold::None,
-            retries_refused: false,
-            readiness: None,
-            on_retry: None,
-            registry: Arc::default(),
-            classifier: crate::classifier::Shared::default(),
-            jitter: true,
-            wait_strategy: WaitStrategy::default(),
-            model_key: None,
-        }
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("max_total_wait", &self.max_total_wait)
-            .field("max_wait", &self.max_wait)
-            .field("default_wait", &self.default_wait)
-            .field("max_attempts", &self.max_attempts)
-            .field("body_limit", &self.body_limit)
-            .field("total_body_limit", &self.total_body_limit)
-            .field("hold_retries", &self.hold_retries)
-            .field("hold_first_request", &self.first_hold)
-            .field("retries_refused", &self.retries_refused)
-            .field(
-                "readiness",
-                &self.readiness.as_ref().map(|_| "Fn(&Uri) -> Option<Uri>"),
-            )
-            .field(
-                "on_retry",
-                &self.on_retry.as_ref().map(|_| "Fn(&RetryEvent)"),
-            )
-            .field("classifier", &self.classifier)
-            .field("jitter", &self.jitter)
-            .field("wait_strategy", &self.wait_strategy)
-            .field(
-                "model_key",
-                &self
-                    .model_key
-                    .as_ref()
-                    .map(|_| "Fn(&Uri, &HeaderMap, &[u8])"),
-            )
-            .finish()
-    }
-}
-
-/// Wraps a service in [`ColdStartRetry`]: it waits out model cold starts.
+/// Wraps a service in [`ColdStartRetry`](crate::ColdStartRetry): it waits out model cold starts.
 ///
 /// `ColdStartRetryLayer::new()` (or `Default`) waits out the cold-start
 /// answers of every server in [`KnownServers`](crate::classifier::KnownServers)
@@ -155,7 +28,7 @@ impl fmt::Debug for Config {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct ColdStartRetryLayer {
-    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl ColdStartRetryLayer {
@@ -171,21 +44,14 @@ impl ColdStartRetryLayer {
     /// shares no state with the one it was cloned from, whose keys and
     /// budgets may mean something else.
     fn config_mut(&mut self) -> &mut Config {
-        if Arc::get_mut(&mut self.config).is_none() {
-            let mut config = Config::clone(&self.config);
-            config.registry = Arc::default();
-            config.pool = Arc::default();
-            self.config = Arc::new(config);
-        }
-        // Unique now: no copy is made.
-        Arc::make_mut(&mut self.config)
+        &mut Arc::make_mut(&mut self.shared).config
     }
 
     /// How many models the services of this layer hold as cold now: each
     /// one has callers probing it or waiting for it. A gauge for metrics;
     /// `0` while every model is warm.
     pub fn cold_models(&self) -> usize {
-        self.config.registry.cold_models()
+        self.shared.runtime.registry.cold_models()
     }
 
     /// Sets the most time one call spends on a cold start, from its first loading answer.
@@ -253,75 +119,37 @@ impl ColdStartRetryLayer {
     /// Sets whether retries ask the server to hold them until the model is ready.
     ///
     /// Note that this covers every hold header a classifier names (`x-wait-for-model`,
-    /// `X-Scale-Up-Timeout`, `Prefer: wait`), the first request's too where
-    /// [`hold_first_request`](Self::hold_first_request) asks for it (`InferenceEndpoints` does).
+    /// `X-Scale-Up-Timeout`, `Prefer: wait`), the first request's too where the classifier
+    /// [holds the first request](crate::classifier::Classify::holds_first_request)
+    /// (`InferenceEndpoints` does).
     ///
     /// Default: `true`.
     pub fn hold_retries(mut self, hold_retries: bool) -> Self {
-        let config = self.config_mut();
-        config.hold_retries = hold_retries;
-        config.resolve();
+        self.config_mut().hold_retries = hold_retries;
         self
     }
 
-    /// Sets which responses are cold starts, what wait they hint and how to ask for a hold.
+    /// Sets what the servers need: which responses are cold starts, what wait they hint, how
+    /// to ask for a hold, whether a refused connection is a server booting, and its readiness
+    /// route.
     ///
-    /// Default: [`KnownServers`](crate::classifier::KnownServers), every server's exact marker; see
-    /// [`classifier`](crate::classifier) for the others.
+    /// Note that the classifier is the one home of those answers; each built-in gives its
+    /// server's, and [`with_retry_refused`](crate::classifier::Classify::with_retry_refused),
+    /// [`with_hold_first_request`](crate::classifier::Classify::with_hold_first_request) and
+    /// [`with_readiness_route`](crate::classifier::Classify::with_readiness_route) change them:
+    ///
+    /// ```
+    /// use tower_cold_start::classifier::{Classify, KnownServers};
+    /// use tower_cold_start::ColdStartRetryLayer;
+    ///
+    /// let layer = ColdStartRetryLayer::new().classifier(KnownServers.with_retry_refused(true));
+    /// ```
+    ///
+    /// Default: [`KnownServers`](crate::classifier::KnownServers), every server's exact marker,
+    /// no refused connections and no readiness routes; see [`classifier`](crate::classifier)
+    /// for the others.
     pub fn classifier<C: crate::classifier::Classify>(mut self, classifier: C) -> Self {
-        let config = self.config_mut();
-        config.classifier = crate::classifier::Shared(Arc::new(classifier));
-        config.resolve();
-        self
-    }
-
-    /// Sets whether the first request already asks to be held until the
-    /// model is ready, with the classifier's hold header.
-    ///
-    /// Note that callers arriving together on a cold model that holds then
-    /// cost one request each, not two.
-    ///
-    /// Default: as the classifier says (`InferenceEndpoints`: yes, as its
-    /// docs advise `X-Scale-Up-Timeout` on every request; `HuggingFace`: no).
-    pub fn hold_first_request(mut self, hold_first_request: bool) -> Self {
-        let config = self.config_mut();
-        config.hold_first_request = Some(hold_first_request);
-        config.resolve();
-        self
-    }
-
-    /// Sets the server's readiness route for a request: while its model is cold, the probing call
-    /// may check that route with an empty `GET` instead of resending its request.
-    ///
-    /// Note that the route is only a hint (see the crate docs): it is used for bodies of 64 KiB
-    /// or more (which then go out twice at most) and while other callers wait, and dropped for a
-    /// model where it answers wrong, slowly or untruly.
-    ///
-    /// Default: the classifier's (`/health` for TGI, TEI and vLLM;
-    /// `/v2/models/<name>/ready` for KServe and Triton; none for the rest,
-    /// the default `KnownServers` included).
-    pub fn readiness_route<F>(mut self, route: F) -> Self
-    where
-        F: Fn(&Uri) -> Option<Uri> + Send + Sync + 'static,
-    {
-        self.config_mut().readiness = Some(Arc::new(route));
-        self
-    }
-
-    /// Sets whether a refused connection is waited out and retried, as a
-    /// server that is still booting.
-    ///
-    /// Note that only a refusal of the request's own first connection proves
-    /// it never reached a server; a refused redirect hop, a timeout or a reset
-    /// reaches the caller as it is.
-    ///
-    /// Default: as the classifier says (the built-ins for servers users run:
-    /// yes; the default `KnownServers`, `HuggingFace` and
-    /// `InferenceEndpoints`: no, so a wrong URL fails fast).
-    pub fn retry_refused(mut self, retry_refused: bool) -> Self {
-        let config = self.config_mut();
-        config.retry_refused = Some(retry_refused);
-        config.resolve();
+        self.config_mut().classifier = LayerClassifier::new(classifier);
         self
     }
 
@@ -382,13 +210,5 @@ impl ColdStartRetryLayer {
     {
         self.config_mut().on_retry = Some(Arc::new(on_retry));
         self
-    }
-}
-
-impl<S> Layer<S> for ColdStartRetryLayer {
-    type Service = ColdStartRetry<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ColdStartRetry::with_config(inner, Arc::clone(&self.config))
     }
 }

@@ -103,7 +103,7 @@
 //!   trusted again for that model. With a truthful route a large body goes
 //!   out twice at most.
 //! - **Unreachable.** Where the classifier (or
-//!   [`retry_refused`](ColdStartRetryLayer::retry_refused)) says so, a
+//!   [`with_retry_refused`](classifier::Classify::with_retry_refused)) says so, a
 //!   refused connection is a server still booting, waited out like a
 //!   loading answer, but only the request's own first connection: one for
 //!   which the client never asked the request body for a byte, so nothing
@@ -159,35 +159,38 @@
     unreachable_pub
 )]
 
-mod body;
-mod call;
 pub mod classifier;
+mod coalesce;
+mod config;
 pub mod future;
-mod gate;
 mod head;
 pub mod key;
 mod layer;
 #[cfg(test)]
 mod lifecycle_tests;
-mod peek;
-mod replay;
+mod loading;
+mod pace;
+mod policy;
 mod report;
+mod request;
+mod request_body;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod response_body;
 #[cfg(test)]
 mod schedule_tests;
 mod service;
-mod wake;
-mod warm;
+mod size_hint;
+mod wait;
+pub mod warm;
 
-pub use body::ResponseBody;
 pub use layer::ColdStartRetryLayer;
-pub use replay::RequestBody;
+pub use pace::WaitStrategy;
 pub use report::{ColdStartReport, GaveUp, RetryEvent, Unbuffered, Unreachable};
+pub use request_body::RequestBody;
+pub use response_body::ResponseBody;
 pub use service::ColdStartRetry;
-pub use wake::WaitStrategy;
-pub use warm::{keep_warm, warm_up, KeepWarm, KeepWarmSchedule, WarmUpOutcome};
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

@@ -95,6 +95,12 @@ impl ColdStartReport {
         self
     }
 
+    /// `response`, carrying this report.
+    pub(crate) fn attach<B>(self, mut response: http::Response<B>) -> http::Response<B> {
+        response.extensions_mut().insert(self);
+        response
+    }
+
     /// How many readiness checks (empty `GET`s of the server's readiness
     /// route) this call sent while its model was cold; they are not among
     /// [`attempts`](Self::attempts).
@@ -111,7 +117,7 @@ impl ColdStartReport {
 
     /// Whether this call found the model's server unreachable (it refused
     /// connections: still booting) and waited for it; see
-    /// [`retry_refused`](crate::ColdStartRetryLayer::retry_refused).
+    /// [`with_retry_refused`](crate::classifier::Classify::with_retry_refused).
     pub fn unreachable(&self) -> bool {
         self.unreachable
     }
@@ -331,6 +337,55 @@ impl std::error::Error for Unreachable {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.0)
     }
+}
+
+/// A user's function told of every wait.
+pub(crate) type RetryHook = std::sync::Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
+
+/// Tells tracing and the hook of a wait.
+pub(crate) fn announce(hook: Option<&RetryHook>, event: &RetryEvent<'_>) {
+    let uri = event.uri;
+    let message = match (event.unreachable, event.behind_probe) {
+        (false, true) => "model is loading; waiting for another request's probe of it",
+        (false, false) => "model is loading; waiting before retrying",
+        (true, true) => "model server unreachable; waiting for another request's probe of it",
+        (true, false) => "model server unreachable; waiting before retrying",
+    };
+    tracing::info!(
+        // Host and port: never userinfo, nor the query (credentials travel
+        // in both).
+        authority = %HostPort(uri),
+        path = uri.path(),
+        model = event.model,
+        attempt = event.attempt,
+        wait_ms = event.wait.as_millis() as u64,
+        estimate = event.estimate,
+        behind_probe = event.behind_probe,
+        unreachable = event.unreachable,
+        "{message}"
+    );
+    if let Some(hook) = hook {
+        hook(event);
+    }
+}
+
+/// A call that could not be retried met what may be a cold start.
+pub(crate) fn warn_unbuffered(status: http::StatusCode, reason: Unbuffered) {
+    tracing::warn!(
+        status = status.as_u16(),
+        reason = reason.as_str(),
+        "response may be a cold start, but the request body was not buffered; not retried"
+    );
+}
+
+/// A refused connection that could have been a booting server, but the
+/// request body was not buffered.
+pub(crate) fn warn_refused_unbuffered(reason: Unbuffered) {
+    tracing::warn!(
+        reason = reason.as_str(),
+        "connection refused (the server may be booting), but the request body was not \
+         buffered; not retried"
+    );
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The service.
+//! The service, and how the layer makes it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -6,10 +6,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
+use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::config::Shared;
 use crate::future::ResponseFuture;
-use crate::layer::Config;
 use crate::{BoxError, ColdStartRetryLayer, RequestBody, ResponseBody};
 
 /// A service that waits out model cold starts and retries.
@@ -19,21 +20,20 @@ use crate::{BoxError, ColdStartRetryLayer, RequestBody, ResponseBody};
 #[derive(Clone, Debug)]
 pub struct ColdStartRetry<S> {
     inner: S,
-    config: Arc<Config>,
+    shared: Arc<Shared>,
 }
 
 impl<S> ColdStartRetry<S> {
-    /// Wraps `inner` with the HuggingFace defaults.
+    /// Wraps `inner` with the defaults, same as
+    /// `ColdStartRetryLayer::new().layer(inner)`.
     pub fn new(inner: S) -> Self {
-        Self::with_config(inner, Arc::default())
+        ColdStartRetry {
+            inner,
+            shared: Arc::default(),
+        }
     }
 
-    pub(crate) fn with_config(inner: S, config: Arc<Config>) -> Self {
-        ColdStartRetry { inner, config }
-    }
-
-    /// A layer with the HuggingFace defaults, same as
-    /// [`ColdStartRetryLayer::new`].
+    /// A layer with the defaults, same as [`ColdStartRetryLayer::new`].
     pub fn layer() -> ColdStartRetryLayer {
         ColdStartRetryLayer::new()
     }
@@ -52,12 +52,23 @@ impl<S> ColdStartRetry<S> {
     /// callers probing it or waiting for it. A gauge for metrics; `0` while
     /// every model is warm.
     pub fn cold_models(&self) -> usize {
-        self.config.registry.cold_models()
+        self.shared.runtime.registry.cold_models()
     }
 
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl<S> Layer<S> for ColdStartRetryLayer {
+    type Service = ColdStartRetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ColdStartRetry {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
@@ -83,6 +94,6 @@ where
         // inner services" in the `tower_service::Service` docs.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(inner, Arc::clone(&self.config), req)
+        ResponseFuture::new(inner, Arc::clone(&self.shared), req)
     }
 }

@@ -85,7 +85,8 @@ fn still_cold<B>(response: &Response<B>) -> bool {
 /// # use http::{Request, Response};
 /// # use http_body_util::Full;
 /// use tower::ServiceBuilder;
-/// use tower_cold_start::{warm_up, ColdStartRetryLayer, WarmUpOutcome};
+/// use tower_cold_start::ColdStartRetryLayer;
+/// use tower_cold_start::warm::{warm_up, WarmUpOutcome};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
@@ -190,7 +191,7 @@ where
 /// # use bytes::Bytes;
 /// # use http::{Request, Response};
 /// # use http_body_util::Full;
-/// use tower_cold_start::{keep_warm, KeepWarmSchedule};
+/// use tower_cold_start::warm::{keep_warm, KeepWarmSchedule};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
@@ -314,7 +315,7 @@ impl KeepWarmSchedule {
             return self.interval;
         }
         self.interval
-            .mul_f64(0.9 + 0.2 * crate::wake::random_unit())
+            .mul_f64(0.9 + 0.2 * crate::pace::random_unit())
     }
 }
 

@@ -439,7 +439,7 @@ async fn callers_of_a_booting_server(
 /// The two ways to wait out refusals: on the default, and by the built-in.
 fn booting_layers(built_in: impl Classify) -> [ColdStartRetryLayer; 2] {
     [
-        ColdStartRetryLayer::new().retry_refused(true),
+        ColdStartRetryLayer::new().classifier(KnownServers.with_retry_refused(true)),
         ColdStartRetryLayer::new().classifier(built_in),
     ]
 }

@@ -47,8 +47,7 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
     // The first request held too is the default; this pins the retry.
     let layer = advised()
         .jitter(false)
-        .classifier(InferenceEndpoints)
-        .hold_first_request(false);
+        .classifier(InferenceEndpoints.with_hold_first_request(false));
     let start = Instant::now();
     let (status, _, attempts) = call(&server, layer).await;
     assert_eq!((status, attempts), (200, 2));

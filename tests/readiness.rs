@@ -13,7 +13,7 @@ use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::classifier::KServe;
+use tower_cold_start::classifier::{Classify, KServe, KnownServers};
 use tower_cold_start::{ColdStartReport, ColdStartRetryLayer, GaveUp};
 
 const NOT_READY: &[u8] = br#"{"error":"Model with name m is not ready."}"#;
@@ -302,9 +302,12 @@ async fn litserve(n: usize) -> (Vec<Duration>, usize) {
         )
         .await
     });
-    let layer = ColdStartRetryLayer::new()
-        .retry_refused(true)
-        .readiness_route(move |uri| format!("http://{}/health", uri.authority()?).parse().ok());
+    let classifier = KnownServers
+        .with_retry_refused(true)
+        .with_readiness_route(move |uri| {
+            format!("http://{}/health", uri.authority()?).parse().ok()
+        });
+    let layer = ColdStartRetryLayer::new().classifier(classifier);
     let client = layered(layer);
     let calls: Vec<_> = (0..n)
         .map(|i| {

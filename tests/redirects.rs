@@ -14,6 +14,7 @@ use support::wire::{echo, raw, refusing_port, Wire};
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_cold_start::classifier::{Classify, KnownServers};
 use tower_cold_start::ColdStartRetryLayer;
 
 const INPUT: &[u8] = br#"{"job":"resize","image":"cat.png"}"#;
@@ -48,7 +49,7 @@ async fn redirecting(status: &'static str) -> (Wire, u16) {
 /// The layer that waits out refusals, with a budget that covers the 4 s.
 fn waiting_out_refusals() -> ColdStartRetryLayer {
     ColdStartRetryLayer::new()
-        .retry_refused(true)
+        .classifier(KnownServers.with_retry_refused(true))
         .max_total_wait(Duration::from_secs(10))
 }
 

@@ -275,7 +275,10 @@ mod middleware {
     async fn an_unreachable_server_is_found_by_downcast_and_by_the_error_chain() {
         let port = support::wire::refusing_port();
         let layer = ColdStartRetryLayer::new()
-            .retry_refused(true)
+            .classifier(tower_cold_start::classifier::Classify::with_retry_refused(
+                tower_cold_start::classifier::KnownServers,
+                true,
+            ))
             .max_total_wait(Duration::from_secs(1));
         let error = client(layer)
             .post(format!("http://127.0.0.1:{port}/"))

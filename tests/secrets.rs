@@ -14,7 +14,9 @@ use http_body_util::Full;
 use support::capture::Capture;
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{warm_up, ColdStartRetryLayer};
+use tower_cold_start::classifier::{Classify, KnownServers};
+use tower_cold_start::warm::warm_up;
+use tower_cold_start::ColdStartRetryLayer;
 
 const SECRETS: [&str; 4] = ["hunter2", "s3cret", "t0ken", "TopSecretToken"];
 
@@ -79,7 +81,7 @@ async fn a_refused_unbuffered_body_says_why_it_was_not_retried() {
     let client = ServiceBuilder::new()
         .layer(
             ColdStartRetryLayer::new()
-                .retry_refused(true)
+                .classifier(KnownServers.with_retry_refused(true))
                 .body_limit(16),
         )
         .service(http1());
@@ -119,13 +121,16 @@ async fn warm_up_and_keep_warm_log_reqwests_errors_without_the_urls_secrets() {
     };
     let outcome = warm_up(client.clone(), ping.clone(), Duration::from_secs(2)).await;
     assert!(
-        matches!(outcome, tower_cold_start::WarmUpOutcome::TimedOut { .. }),
+        matches!(
+            outcome,
+            tower_cold_start::warm::WarmUpOutcome::TimedOut { .. }
+        ),
         "{outcome:?}"
     );
-    let keep = tower_cold_start::keep_warm(
+    let keep = tower_cold_start::warm::keep_warm(
         client,
         ping,
-        tower_cold_start::KeepWarmSchedule::new().interval(Duration::from_secs(1)),
+        tower_cold_start::warm::KeepWarmSchedule::new().interval(Duration::from_secs(1)),
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(keep);

@@ -13,7 +13,9 @@ use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::classifier::{self, Classify, ErrorText, KServe, Ollama, Tei, Triton, Vllm};
+use tower_cold_start::classifier::{
+    self, Classify, ErrorText, KServe, KnownServers, Ollama, Tei, Triton, Vllm,
+};
 use tower_cold_start::ColdStartRetryLayer;
 
 const JSON: &str = "application/json";
@@ -36,8 +38,7 @@ fn answers(times: usize, status: u16, body: &'static [u8]) -> Model {
 async fn through<C: Classify>(server: &HfServer, path: &str, classifier: C) -> (u16, u32, Bytes) {
     let layer = ColdStartRetryLayer::new()
         .jitter(false)
-        .classifier(classifier)
-        .readiness_route(|_| None);
+        .classifier(classifier.with_readiness_route(|_| None));
     let client = ServiceBuilder::new().layer(layer).service(http1());
     let request = Request::post(server.url(path))
         .body(Full::new(Bytes::from_static(br#"{"inputs":[1]}"#)))
@@ -259,9 +260,7 @@ async fn a_refused_connection_fails_at_once_with_the_clients_own_error_where_it_
     let (base, boot) = booting(Duration::from_secs(3), vec![]).await;
     for layer in [
         ColdStartRetryLayer::new(),
-        ColdStartRetryLayer::new()
-            .classifier(KServe)
-            .retry_refused(false),
+        ColdStartRetryLayer::new().classifier(KServe.with_retry_refused(false)),
     ] {
         let client = ServiceBuilder::new().layer(layer).service(http1());
         let start = Instant::now();
@@ -361,7 +360,8 @@ async fn callers_arriving_together_on_a_holding_model_cost_one_request_each_when
 {
     const N: usize = 50;
     let server = HfServer::start([("/models/m", Model::cold(Duration::from_secs(10)))]).await;
-    let client = layered(ColdStartRetryLayer::new().hold_first_request(true));
+    let client =
+        layered(ColdStartRetryLayer::new().classifier(KnownServers.with_hold_first_request(true)));
     let calls: Vec<_> = (0..N)
         .map(|n| tokio::spawn(send(client.clone(), server.url("/models/m"), n.to_string())))
         .collect();
@@ -430,7 +430,10 @@ async fn upload_during_a_20_s_load(layer: ColdStartRetryLayer) -> (usize, Vec<Re
 async fn a_readiness_route_is_polled_so_a_large_upload_is_not_resent_every_second() {
     let layer = ColdStartRetryLayer::new().jitter(false).classifier(KServe);
     let (with_route, received) = upload_during_a_20_s_load(layer.clone()).await;
-    let (without_route, resent) = upload_during_a_20_s_load(layer.readiness_route(|_| None)).await;
+    let without = ColdStartRetryLayer::new()
+        .jitter(false)
+        .classifier(KServe.with_readiness_route(|_| None));
+    let (without_route, resent) = upload_during_a_20_s_load(without).await;
     println!(
         "1 MiB upload, 20 s load: {with_route} body bytes upstream with the readiness route \
          ({} requests), {without_route} without ({} requests)",

@@ -11,7 +11,8 @@ use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
-use tower_cold_start::{keep_warm, warm_up, ColdStartRetryLayer, KeepWarmSchedule, WarmUpOutcome};
+use tower_cold_start::warm::{keep_warm, warm_up, KeepWarmSchedule, WarmUpOutcome};
+use tower_cold_start::ColdStartRetryLayer;
 
 const MODEL: &str = "/models/gpt2";
 

@@ -17,8 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower_cold_start::classifier;
-use tower_cold_start::{key, ColdStartRetryLayer, KeepWarmSchedule};
+use tower_cold_start::classifier::{self, Classify};
+use tower_cold_start::warm::KeepWarmSchedule;
+use tower_cold_start::{key, ColdStartRetryLayer};
 
 use crate::args::{Args, Classifier};
 use crate::forward::{Layered, Proxy};
@@ -59,27 +60,37 @@ fn main() {
     }
 }
 
+/// `layer` with `classifier`, whose answer on refused connections `--retry-refused`
+/// overrides where given.
+fn install<C: Classify>(
+    layer: ColdStartRetryLayer,
+    classifier: C,
+    retry_refused: Option<bool>,
+) -> ColdStartRetryLayer {
+    match retry_refused {
+        Some(retry) => layer.classifier(classifier.with_retry_refused(retry)),
+        None => layer.classifier(classifier),
+    }
+}
+
 /// The layer the flags describe.
 fn layer(args: &Args) -> ColdStartRetryLayer {
     let layer = ColdStartRetryLayer::new();
+    let refused = args.retry_refused;
     let layer = match args.classifier {
-        Classifier::Known => layer,
-        Classifier::Huggingface => layer.classifier(classifier::HuggingFace),
-        Classifier::InferenceEndpoints => layer.classifier(classifier::InferenceEndpoints),
-        Classifier::RetryAfter => layer.classifier(classifier::RetryAfter::new()),
-        Classifier::Kserve => layer.classifier(classifier::KServe),
-        Classifier::Triton => layer.classifier(classifier::Triton::new()),
-        Classifier::Vllm => layer.classifier(classifier::Vllm),
-        Classifier::Tgi => layer.classifier(classifier::TgiOverloaded),
-        Classifier::Tei => layer.classifier(classifier::Tei),
-        Classifier::Ollama => layer.classifier(classifier::Ollama),
-        Classifier::LlamaCpp => layer.classifier(classifier::LlamaCpp),
-        Classifier::Mlserver => layer.classifier(classifier::MlServer),
-        Classifier::RayServe => layer.classifier(classifier::RayServe),
-    };
-    let layer = match args.retry_refused {
-        Some(retry) => layer.retry_refused(retry),
-        None => layer,
+        Classifier::Known => install(layer, classifier::KnownServers, refused),
+        Classifier::Huggingface => install(layer, classifier::HuggingFace, refused),
+        Classifier::InferenceEndpoints => install(layer, classifier::InferenceEndpoints, refused),
+        Classifier::RetryAfter => install(layer, classifier::RetryAfter::new(), refused),
+        Classifier::Kserve => install(layer, classifier::KServe, refused),
+        Classifier::Triton => install(layer, classifier::Triton::new(), refused),
+        Classifier::Vllm => install(layer, classifier::Vllm, refused),
+        Classifier::Tgi => install(layer, classifier::TgiOverloaded, refused),
+        Classifier::Tei => install(layer, classifier::Tei, refused),
+        Classifier::Ollama => install(layer, classifier::Ollama, refused),
+        Classifier::LlamaCpp => install(layer, classifier::LlamaCpp, refused),
+        Classifier::Mlserver => install(layer, classifier::MlServer, refused),
+        Classifier::RayServe => install(layer, classifier::RayServe, refused),
     };
     let layer = layer
         .max_total_wait(args.max_total_wait)
@@ -229,14 +240,14 @@ fn warm(args: &Args, layer: &ColdStartRetryLayer, connector: &Connector) {
         let path = model.path.clone();
         let every = args.keep_warm_every;
         tokio::spawn(async move {
-            let outcome = tower_cold_start::warm_up(
+            let outcome = tower_cold_start::warm::warm_up(
                 warm_client.clone(),
                 ping.clone(),
                 std::time::Duration::from_secs(600),
             )
             .await;
             tracing::info!(path, outcome = ?outcome_name(&outcome), "warm-up");
-            let keep = tower_cold_start::keep_warm(
+            let keep = tower_cold_start::warm::keep_warm(
                 warm_client,
                 ping,
                 KeepWarmSchedule::new().interval(every),
@@ -247,11 +258,11 @@ fn warm(args: &Args, layer: &ColdStartRetryLayer, connector: &Connector) {
     }
 }
 
-fn outcome_name(outcome: &tower_cold_start::WarmUpOutcome) -> &'static str {
+fn outcome_name(outcome: &tower_cold_start::warm::WarmUpOutcome) -> &'static str {
     match outcome {
-        tower_cold_start::WarmUpOutcome::Warm { .. } => "warm",
-        tower_cold_start::WarmUpOutcome::TimedOut { .. } => "timed out",
-        tower_cold_start::WarmUpOutcome::Failed(_) => "failed",
+        tower_cold_start::warm::WarmUpOutcome::Warm { .. } => "warm",
+        tower_cold_start::warm::WarmUpOutcome::TimedOut { .. } => "timed out",
+        tower_cold_start::warm::WarmUpOutcome::Failed(_) => "failed",
         _ => "other",
     }
 }

@@ -17,12 +17,13 @@ use super::{starts_an_object, Classify, ColdStart, Hint, Hold, ResponseView};
 /// type that is not a JSON object) is not a cold start.
 ///
 /// ```
-/// use tower_cold_start::classifier::ErrorText;
+/// use tower_cold_start::classifier::{Classify, ErrorText};
 /// use tower_cold_start::ColdStartRetryLayer;
 ///
-/// // Our gateway answers 503 {"detail":"warming up"} while its model loads.
+/// // Our server answers 503 {"detail":"warming up"} while its model loads,
+/// // and refuses connections while it boots.
 /// let layer = ColdStartRetryLayer::new()
-///     .classifier(ErrorText::new([503], "warming up").retries_refused(true));
+///     .classifier(ErrorText::new([503], "warming up").with_retry_refused(true));
 /// ```
 #[derive(Debug, Clone)]
 pub struct ErrorText {
@@ -30,7 +31,6 @@ pub struct ErrorText {
     text: String,
     hint: Hint,
     hold: Hold,
-    refused: bool,
 }
 
 impl ErrorText {
@@ -45,7 +45,6 @@ impl ErrorText {
             text: text.into(),
             hint: Hint::Unknown,
             hold: Hold::None,
-            refused: false,
         }
     }
 
@@ -62,15 +61,6 @@ impl ErrorText {
     /// Default: [`Hold::None`].
     pub fn hold(mut self, hold: Hold) -> Self {
         self.hold = hold;
-        self
-    }
-
-    /// Whether a refused connection is the server booting (see
-    /// [`Classify::retries_refused`]).
-    ///
-    /// Default: `false`.
-    pub fn retries_refused(mut self, refused: bool) -> Self {
-        self.refused = refused;
         self
     }
 }
@@ -128,10 +118,6 @@ impl Classify for ErrorText {
     fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
         (self.statuses.contains(&response.status) && error_says(response, &self.text))
             .then(|| ColdStart::new(self.hint).with_hold(self.hold))
-    }
-
-    fn retries_refused(&self) -> bool {
-        self.refused
     }
 
     fn hold(&self) -> Hold {

@@ -29,7 +29,7 @@ use super::{
 /// deploy`, a `404` and a `408`. What stays opt-in, and why:
 ///
 /// - refused connections: a wrong URL fails at once; a self-hosted
-///   built-in, or [`retry_refused(true)`](crate::ColdStartRetryLayer::retry_refused),
+///   built-in, or [`with_retry_refused(true)`](super::Classify::with_retry_refused),
 ///   waits them out;
 /// - readiness routes: the caller's own request is the probe;
 /// - markers that are not exact: vLLM's sleeping `503` (its text is not
@@ -92,7 +92,7 @@ impl Classify for KnownServers {
     }
 
     fn hold(&self) -> Hold {
-        // For `hold_first_request(true)`: HuggingFace's, as before.
+        // For `with_hold_first_request(true)`: HuggingFace's, as before.
         HuggingFace.hold()
     }
 }

@@ -40,11 +40,12 @@
 //! ```
 
 use std::fmt;
-use std::time::Duration;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http::StatusCode;
 
+mod adjust;
+mod cold_start;
 mod endpoints;
 mod error_text;
 mod huggingface;
@@ -60,6 +61,8 @@ mod tgi;
 mod triton;
 mod vllm;
 
+pub use adjust::Adjusted;
+pub use cold_start::{ColdStart, Hint, Hold};
 pub use endpoints::InferenceEndpoints;
 pub use error_text::ErrorText;
 pub use huggingface::HuggingFace;
@@ -75,18 +78,8 @@ pub use tgi::TgiOverloaded;
 pub use triton::Triton;
 pub use vllm::Vllm;
 
+pub(crate) use cold_start::SELF_HOSTED_POLL;
 pub(crate) use huggingface::X_WAIT_FOR_MODEL;
-
-/// The most bytes of a response body that are read to classify it.
-///
-/// HuggingFace's loading body is about 120 bytes plus the model id, so 4 KiB
-/// leaves ample room while bounding what a hostile server can make us buffer.
-pub(crate) const PEEK_LIMIT: usize = 4 * 1024;
-
-/// The longest time spent reading a response body to classify it: a loading
-/// body comes with the headers, so one still incomplete after this long is
-/// handed to the caller as it is.
-pub(crate) const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a classifier sees of a response.
 #[derive(Debug, Clone, Copy)]
@@ -123,144 +116,6 @@ impl<'a> ResponseView<'a> {
     /// Which attempt this answers (1 for the first request).
     pub fn attempt(&self) -> u32 {
         self.attempt
-    }
-}
-
-/// How often the self-hosted built-ins let the layer poll their server: a
-/// request to a server next to the client costs microseconds, so its model
-/// is asked four times a second at most and used at most 250 ms after it is
-/// ready.
-pub(crate) const SELF_HOSTED_POLL: Duration = Duration::from_millis(250);
-
-/// A cold start, as a classifier saw it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ColdStart {
-    hint: Hint,
-    hold: Hold,
-    model: Option<String>,
-    poll: Option<Duration>,
-}
-
-impl ColdStart {
-    /// A cold start with this wait hint, no hold header and no model name.
-    pub fn new(hint: Hint) -> Self {
-        ColdStart {
-            hint,
-            hold: Hold::None,
-            model: None,
-            poll: None,
-        }
-    }
-
-    /// The same, from a server that is cheap to ask (one users run next to
-    /// the client): [`WaitStrategy::Adaptive`](crate::WaitStrategy::Adaptive)
-    /// polls it every `interval` (100 ms at least), not at a hosted API's
-    /// pace of one request every 1 to 2 s. The self-hosted built-ins say
-    /// 250 ms.
-    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
-        self.poll = Some(interval);
-        self
-    }
-
-    /// The poll interval the classifier set, if it set one.
-    pub fn poll_interval(&self) -> Option<Duration> {
-        self.poll
-    }
-
-    /// The same, with retries asking the server to hold them this way.
-    pub fn with_hold(mut self, hold: Hold) -> Self {
-        self.hold = hold;
-        self
-    }
-
-    /// The same, naming the model the server named.
-    pub fn with_model(mut self, model: impl Into<String>) -> Self {
-        self.model = Some(model.into());
-        self
-    }
-
-    /// The wait the response hints at.
-    pub fn hint(&self) -> Hint {
-        self.hint
-    }
-
-    /// How retries ask the server to hold them.
-    pub fn hold(&self) -> Hold {
-        self.hold
-    }
-
-    /// The model the server named, if it named one.
-    pub fn model(&self) -> Option<&str> {
-        self.model.as_deref()
-    }
-}
-
-/// The wait a response hints at. Whatever it says, the layer's bounds
-/// (`max_wait`, `max_total_wait`, a 1 s floor) apply, and jitter if enabled.
-///
-/// [`WaitStrategy::SleepEstimate`](crate::WaitStrategy::SleepEstimate)
-/// sleeps every hint as described below; the default,
-/// [`Adaptive`](crate::WaitStrategy::Adaptive), follows
-/// [`After`](Hint::After) and [`Backoff`](Hint::Backoff) likewise, but polls
-/// (or retries a long-held request at once) instead of sleeping an
-/// [`Estimate`](Hint::Estimate), [`Soon`](Hint::Soon) or
-/// [`Unknown`](Hint::Unknown).
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub enum Hint {
-    /// Seconds, as the server wrote them (untrusted: negative, NaN, huge are
-    /// handled as for HuggingFace's `estimated_time`).
-    Estimate(f64),
-    /// A wait the server set, e.g. from `Retry-After`.
-    After(Duration),
-    /// No hint: exponential backoff from 1 s, doubling per attempt.
-    Backoff,
-    /// The server has just waited (a hold that timed out): retry after the
-    /// shortest wait.
-    Soon,
-    /// No hint: `default_wait`.
-    Unknown,
-}
-
-/// How a retry asks the server to hold it until the model is ready.
-/// [`hold_retries(false)`](crate::ColdStartRetryLayer::hold_retries) turns
-/// all of them off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Hold {
-    /// No header.
-    #[default]
-    None,
-    /// HuggingFace serverless: `x-wait-for-model: true`.
-    WaitForModel,
-    /// HuggingFace Inference Endpoints: `X-Scale-Up-Timeout: N`, N the
-    /// seconds left in the caller's budget.
-    ScaleUpTimeout,
-    /// Replicate and others (RFC 7240): `Prefer: wait=N`, N the seconds left,
-    /// at most 60.
-    PreferWait,
-}
-
-impl Hold {
-    /// Adds this hold's header to a retry, unless the caller set it.
-    pub(crate) fn apply(self, headers: &mut HeaderMap, remaining: Duration) {
-        let secs = remaining.as_secs().max(1);
-        let (name, value) = match self {
-            Hold::None => return,
-            Hold::WaitForModel => (X_WAIT_FOR_MODEL.clone(), HeaderValue::from_static("true")),
-            Hold::ScaleUpTimeout => (
-                HeaderName::from_static("x-scale-up-timeout"),
-                HeaderValue::from(secs),
-            ),
-            Hold::PreferWait => (
-                HeaderName::from_static("prefer"),
-                HeaderValue::try_from(format!("wait={}", secs.min(60)))
-                    .unwrap_or_else(|_| HeaderValue::from_static("wait")),
-            ),
-        };
-        if !headers.contains_key(&name) {
-            headers.insert(name, value);
-        }
     }
 }
 
@@ -330,6 +185,55 @@ pub trait Classify: Send + Sync + 'static {
     fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
         let _ = uri;
         None
+    }
+
+    /// This classifier, with refused connections waited out (`true`) or
+    /// failing at once (`false`), whatever it says itself.
+    ///
+    /// Note that only a refusal of the request's own first connection proves
+    /// it never reached a server; a refused redirect hop, a timeout or a reset
+    /// reaches the caller as it is.
+    ///
+    /// ```
+    /// use tower_cold_start::classifier::{Classify, KnownServers};
+    /// use tower_cold_start::ColdStartRetryLayer;
+    ///
+    /// // Every known marker, and a server of ours that refuses connections
+    /// // while it boots.
+    /// let layer = ColdStartRetryLayer::new().classifier(KnownServers.with_retry_refused(true));
+    /// ```
+    fn with_retry_refused(self, retry_refused: bool) -> Adjusted<Self>
+    where
+        Self: Sized,
+    {
+        adjust::adjust(self).with_retry_refused(retry_refused)
+    }
+
+    /// This classifier, with the first request asking to be held (with
+    /// [`hold`](Self::hold)'s header) or not, whatever it says itself.
+    ///
+    /// Note that callers arriving together on a cold model that holds then
+    /// cost one request each, not two.
+    fn with_hold_first_request(self, hold_first_request: bool) -> Adjusted<Self>
+    where
+        Self: Sized,
+    {
+        adjust::adjust(self).with_hold_first_request(hold_first_request)
+    }
+
+    /// This classifier, with `route` as the server's readiness route for a
+    /// request (`None`: no route), whatever it says itself.
+    ///
+    /// Note that the route is only a hint (see the crate docs): it is used
+    /// for bodies of 64 KiB or more (which then go out twice at most) and
+    /// while other callers wait, and dropped for a model where it answers
+    /// wrong, slowly or untruly.
+    fn with_readiness_route<F>(self, route: F) -> Adjusted<Self>
+    where
+        Self: Sized,
+        F: Fn(&http::Uri) -> Option<http::Uri> + Send + Sync + 'static,
+    {
+        adjust::adjust(self).with_readiness_route(route)
     }
 
     /// This classifier, or else `other`.
@@ -443,33 +347,76 @@ pub(crate) fn starts_an_object(body: &[u8]) -> bool {
     body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
-/// The layer's classifier, shared by its services and calls.
+/// The layer's classifier, shared by its services and calls, with what it
+/// says of every request (its first request's hold, refused connections)
+/// read once, when it is installed.
 #[derive(Clone)]
-pub(crate) struct Shared(pub(crate) std::sync::Arc<dyn Classify>);
+pub(crate) struct LayerClassifier {
+    classify: std::sync::Arc<dyn Classify>,
+    first_hold: Hold,
+    retries_refused: bool,
+}
 
-impl Shared {
+impl LayerClassifier {
+    pub(crate) fn new<C: Classify>(classifier: C) -> Self {
+        LayerClassifier {
+            first_hold: if classifier.holds_first_request() {
+                classifier.hold()
+            } else {
+                Hold::None
+            },
+            retries_refused: classifier.retries_refused(),
+            classify: std::sync::Arc::new(classifier),
+        }
+    }
+
     /// Whether a response with this status may be a cold start: never a
     /// success, else as the classifier says. The one place that decides
     /// whether a response is worth reading (with the size of its body).
     pub(crate) fn may_be_cold_start(&self, status: StatusCode, held: bool) -> bool {
-        !status.is_success() && self.0.may_be_cold_start(status, held)
+        !status.is_success() && self.classify.may_be_cold_start(status, held)
+    }
+
+    /// Whether `response` is a cold start.
+    pub(crate) fn classify(&self, response: &ResponseView<'_>) -> Option<ColdStart> {
+        self.classify.classify(response)
+    }
+
+    /// The readiness route for a request to `uri`.
+    pub(crate) fn readiness(&self, uri: &http::Uri) -> Option<http::Uri> {
+        self.classify.readiness(uri)
+    }
+
+    /// How the first request asks to be held ([`Hold::None`]: it does not).
+    pub(crate) fn first_hold(&self) -> Hold {
+        self.first_hold
+    }
+
+    /// Whether a refused connection is waited out.
+    pub(crate) fn retries_refused(&self) -> bool {
+        self.retries_refused
     }
 }
 
-impl Default for Shared {
+impl Default for LayerClassifier {
     fn default() -> Self {
-        Shared(std::sync::Arc::new(KnownServers))
+        LayerClassifier::new(KnownServers)
     }
 }
 
-impl fmt::Debug for Shared {
+impl fmt::Debug for LayerClassifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("dyn Classify")
+        f.debug_struct("LayerClassifier")
+            .field("first_hold", &self.first_hold)
+            .field("retries_refused", &self.retries_refused)
+            .finish_non_exhaustive()
     }
 }
 
 #[cfg(test)]
 pub(crate) mod test_support {
+    use http::header::{HeaderName, HeaderValue};
+
     use super::*;
 
     pub(crate) fn view<'a>(
@@ -501,6 +448,8 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::test_support::*;
     use super::*;
 
@@ -510,11 +459,11 @@ mod tests {
         let loading = br#"{"error":"Model gpt2 is currently loading","estimated_time":20.0}"#;
         let both = HuggingFace.or(RetryAfter::new());
         assert_eq!(
-            both.classify(&view(503, &h, loading)).unwrap().hint,
+            both.classify(&view(503, &h, loading)).unwrap().hint(),
             Hint::Estimate(20.0)
         );
         assert_eq!(
-            both.classify(&view(503, &h, b"<html>")).unwrap().hint,
+            both.classify(&view(503, &h, b"<html>")).unwrap().hint(),
             Hint::After(Duration::from_secs(3))
         );
         assert!(both
@@ -523,7 +472,7 @@ mod tests {
         let custom = from_fn(|r| (r.status().as_u16() == 425).then(|| ColdStart::new(Hint::Soon)));
         let chained = custom.or(HuggingFace);
         assert_eq!(
-            chained.classify(&view(425, &h, b"")).unwrap().hint,
+            chained.classify(&view(425, &h, b"")).unwrap().hint(),
             Hint::Soon
         );
         assert!(chained.classify(&view(404, &h, b"")).is_none());

@@ -7,12 +7,13 @@ use std::task::{Context, Poll};
 
 use http::{Extensions, Request, Response};
 use reqwest_middleware::{Middleware, Next};
+use tower_layer::Layer;
 use tower_service::Service;
 
 use tokio::time::Instant;
 
 use super::{to_http_response, to_reqwest_body};
-use crate::call::CallDeadline;
+use crate::policy::CallDeadline;
 use crate::{BoxError, ColdStartRetry, ColdStartRetryLayer, RequestBody};
 
 /// [`ColdStartRetryLayer`] as a reqwest-middleware middleware: every
@@ -177,8 +178,7 @@ impl Middleware for ColdStartMiddleware {
             extensions: extensions.clone(),
             last: Arc::clone(&last),
         };
-        let mut service =
-            ColdStartRetry::with_config(rest, std::sync::Arc::clone(&self.layer.config));
+        let mut service: ColdStartRetry<Rest<'_>> = self.layer.layer(rest);
         // `Rest` is always ready.
         let future = service.call(req);
         let answer = match deadline {

@@ -4,14 +4,25 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::response;
 use http_body::Body;
 use tokio::time::{sleep, Sleep};
 
-use crate::body::End;
-use crate::classifier::{PEEK_LIMIT, PEEK_TIMEOUT};
+use crate::response_body::End;
+
+/// The most bytes of a response body that are read to classify it.
+///
+/// HuggingFace's loading body is about 120 bytes plus the model id, so 4 KiB
+/// leaves ample room while bounding what a hostile server can make us buffer.
+pub(crate) const PEEK_LIMIT: usize = 4 * 1024;
+
+/// The longest time spent reading a response body to classify it: a loading
+/// body comes with the headers, so one still incomplete after this long is
+/// handed to the caller as it is.
+pub(crate) const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A response whose body is being read, up to a size and a time.
 pub(crate) struct Peek<B> {

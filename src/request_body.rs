@@ -249,7 +249,7 @@ where
             }
             Kind::Stream { prefix, rest } => {
                 let read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
-                crate::body::hint_plus(rest.as_ref().map(|b| b.size_hint()), read)
+                crate::size_hint::after_read(rest.as_ref().map(|b| b.size_hint()), read)
             }
         }
     }
@@ -270,20 +270,25 @@ impl Buffered {
     }
 }
 
-/// Where a body being buffered lives.
-///
-/// A body whose exact size is known to fit is read in place (no allocation).
-/// A body that may turn out too large is boxed first, because it must then be
-/// handed on, already started, to the inner service.
-pub(crate) enum Source<B> {
-    /// Nothing to read: replay an empty body.
-    Empty,
-    /// An exact size within the limit, taken from the pool: read in place.
-    Fits(B),
-    /// Read, boxed, to be handed on if it passes a limit.
-    MayOverflow(Pin<Box<B>>),
-    /// Known to be over a limit: stream it once, unread.
-    Over(Pin<Box<B>>, Unbuffered),
+pin_project! {
+    /// Where a body being buffered lives.
+    ///
+    /// A body whose exact size is known to fit is read in place (no
+    /// allocation). A body that may turn out too large is boxed first,
+    /// because it must then be handed on, already started, to the inner
+    /// service.
+    #[project = SourceProj]
+    #[project_replace = SourceOwned]
+    pub(crate) enum Source<B> {
+        /// Nothing to read: replay an empty body.
+        Empty,
+        /// An exact size within the limit, taken from the pool: read in place.
+        Fits { #[pin] body: B },
+        /// Read, boxed, to be handed on if it passes a limit.
+        MayOverflow { body: Pin<Box<B>> },
+        /// Known to be over a limit: stream it once, unread.
+        Over { body: Pin<Box<B>>, reason: Unbuffered },
+    }
 }
 
 /// What reading the body ended in.
@@ -308,12 +313,10 @@ impl std::error::Error for BodyLongerThanHint {}
 
 pin_project! {
     /// Reads a request body into memory, up to a limit.
+    #[project = ReaderProj]
     pub(crate) struct Reader<B> {
         #[pin]
-        fits: Option<B>,
-        boxed: Option<Pin<Box<B>>>,
-        // Known over a limit before any of it was read.
-        over: Option<Unbuffered>,
+        source: Source<B>,
         limit: usize,
         len: usize,
         // The first chunk is kept apart so that a single-chunk body (the
@@ -329,17 +332,37 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(source: Source<B>, limit: usize) -> Self {
-        let (fits, boxed, over) = match source {
-            Source::Empty => (None, None, None),
-            Source::Fits(body) => (Some(body), None, None),
-            Source::MayOverflow(body) => (None, Some(body), None),
-            Source::Over(body, reason) => (None, Some(body), Some(reason)),
+    /// Plans how to read `body` (see [`Source`]) within `limit` and the
+    /// call's `allowance`. A body of an exact size within `limit` takes that
+    /// size from the pool up front (it is read in place, and could not be
+    /// handed on half-read); any other takes its chunks as they come.
+    pub(crate) fn new(body: B, limit: usize, mut allowance: Allowance<'_>) -> Self {
+        let hint = body.size_hint();
+        let source = if body.is_end_stream() {
+            Source::Empty
+        } else if hint.lower() > limit as u64 {
+            let reason = Unbuffered::BodyLimit;
+            Source::Over {
+                body: Box::pin(body),
+                reason,
+            }
+        } else {
+            match hint.exact() {
+                Some(n) if allowance.take(n as usize) => Source::Fits { body },
+                Some(_) => {
+                    let reason = Unbuffered::TotalLimit;
+                    Source::Over {
+                        body: Box::pin(body),
+                        reason,
+                    }
+                }
+                None => Source::MayOverflow {
+                    body: Box::pin(body),
+                },
+            }
         };
         Reader {
-            fits,
-            boxed,
-            over,
+            source,
             limit,
             len: 0,
             first: None,
@@ -348,67 +371,59 @@ where
         }
     }
 
+    /// Reads the whole body, or up to the chunk that passes a limit.
     pub(crate) fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         mut allowance: Allowance<'_>,
     ) -> Poll<Result<Buffering<B>, BoxError>> {
         let mut this = self.project();
-        if let Some(reason) = this.over.take() {
-            if let Some(body) = this.boxed.take() {
-                let body = RequestBody::stream(VecDeque::new(), body);
-                return Poll::Ready(Ok(Buffering::Overflow(body, reason)));
-            }
-        }
         loop {
-            let frame = if let Some(body) = this.fits.as_mut().as_pin_mut() {
-                ready!(body.poll_frame(cx))
-            } else if let Some(body) = this.boxed.as_mut() {
-                ready!(body.as_mut().poll_frame(cx))
-            } else {
-                None
+            let frame = match this.source.as_mut().project() {
+                SourceProj::Empty => None,
+                SourceProj::Fits { body } => ready!(body.poll_frame(cx)),
+                SourceProj::MayOverflow { body } => ready!(body.as_mut().poll_frame(cx)),
+                SourceProj::Over { .. } => {
+                    let SourceOwned::Over { body, reason } =
+                        this.source.project_replace(Source::Empty)
+                    else {
+                        unreachable!("in the Over state")
+                    };
+                    let body = RequestBody::stream(VecDeque::new(), body);
+                    return Poll::Ready(Ok(Buffering::Overflow(body, reason)));
+                }
             };
-            let frame = match frame {
+            let data = match frame {
                 None => break,
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
-                Some(Ok(frame)) => frame,
-            };
-            let data = match frame.into_data() {
-                Ok(data) => data,
-                Err(frame) => {
-                    // Trailers end the body; any other frame kind is kept
-                    // out of the replay because http-body defines none.
-                    if let Ok(trailers) = frame.into_trailers() {
-                        *this.trailers = Some(Box::new(trailers));
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        // Trailers end the body; any other frame kind is
+                        // kept out of the replay because http-body defines
+                        // none.
+                        if let Ok(trailers) = frame.into_trailers() {
+                            *this.trailers = Some(Box::new(trailers));
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                },
             };
             if data.is_empty() {
                 continue;
             }
             *this.len = this.len.saturating_add(data.len());
+            let boxed = matches!(*this.source, Source::MayOverflow { .. });
             let over = if *this.len > *this.limit {
                 Some(Unbuffered::BodyLimit)
-            } else if this.boxed.is_some() && !allowance.take(data.len()) {
+            } else if boxed && !allowance.take(data.len()) {
                 // (A body read in place took its whole size up front.)
                 Some(Unbuffered::TotalLimit)
             } else {
                 None
             };
             if let Some(reason) = over {
-                let Some(rest) = this.boxed.take() else {
-                    // Only a body with an exact hint within the limit is
-                    // read in place, and it just broke that promise.
-                    return Poll::Ready(Err(BodyLongerThanHint.into()));
-                };
-                // Streamed out from here on: no longer held for replay.
-                allowance.give_back();
-                let mut prefix: VecDeque<Bytes> = this.first.take().into_iter().collect();
-                prefix.extend(this.more.drain(..));
-                prefix.push_back(data);
-                let body = RequestBody::stream(prefix, rest);
-                return Poll::Ready(Ok(Buffering::Overflow(body, reason)));
+                return Poll::Ready(overflow(this, data, reason, allowance));
             }
             if this.first.is_none() {
                 *this.first = Some(data);
@@ -416,39 +431,47 @@ where
                 this.more.push(data);
             }
         }
-        let data = match this.first.take() {
-            Some(first) if this.more.is_empty() => Some(first),
-            Some(first) => {
-                let mut all = BytesMut::with_capacity(*this.len);
-                all.extend_from_slice(&first);
-                for chunk in this.more.drain(..) {
-                    all.extend_from_slice(&chunk);
-                }
-                Some(all.freeze())
-            }
-            None => None,
-        };
         Poll::Ready(Ok(Buffering::Done(Buffered {
-            data,
+            data: join(this.first.take(), std::mem::take(this.more), *this.len),
             trailers: this.trailers.take(),
         })))
     }
 }
 
-/// A body of an exact size within `limit` takes that size from the pool up
-/// front (it is read in place, and could not be handed on half-read); any
-/// other takes its chunks as they come.
-pub(crate) fn plan<B: Body>(body: B, limit: usize, mut allowance: Allowance<'_>) -> Source<B> {
-    if body.is_end_stream() {
-        return Source::Empty;
+/// The body passed a limit with `data`: what was read, then the rest, goes
+/// out once as it is.
+fn overflow<B>(
+    this: ReaderProj<'_, B>,
+    data: Bytes,
+    reason: Unbuffered,
+    mut allowance: Allowance<'_>,
+) -> Result<Buffering<B>, BoxError> {
+    let SourceOwned::MayOverflow { body: rest } = this.source.project_replace(Source::Empty) else {
+        // Only a body with an exact hint within the limit is read in place,
+        // and it just broke that promise.
+        return Err(BodyLongerThanHint.into());
+    };
+    // Streamed out from here on: no longer held for replay.
+    allowance.give_back();
+    let mut prefix: VecDeque<Bytes> = this.first.take().into_iter().collect();
+    prefix.extend(this.more.drain(..));
+    prefix.push_back(data);
+    Ok(Buffering::Overflow(
+        RequestBody::stream(prefix, rest),
+        reason,
+    ))
+}
+
+/// The chunks read, as one `Bytes` (copied only when there are several).
+fn join(first: Option<Bytes>, more: Vec<Bytes>, len: usize) -> Option<Bytes> {
+    let first = first?;
+    if more.is_empty() {
+        return Some(first);
     }
-    let hint = body.size_hint();
-    if hint.lower() > limit as u64 {
-        return Source::Over(Box::pin(body), Unbuffered::BodyLimit);
+    let mut all = BytesMut::with_capacity(len);
+    all.extend_from_slice(&first);
+    for chunk in more {
+        all.extend_from_slice(&chunk);
     }
-    match hint.exact() {
-        Some(n) if allowance.take(n as usize) => Source::Fits(body),
-        Some(_) => Source::Over(Box::pin(body), Unbuffered::TotalLimit),
-        None => Source::MayOverflow(Box::pin(body)),
-    }
+    Some(all.freeze())
 }

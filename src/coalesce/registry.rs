@@ -1,15 +1,17 @@
-//! Shared state for concurrent callers of one cold model.
+//! The registry of cold models: what concurrent callers of one cold model
+//! share.
 //!
 //! Services made by one layer (and clones of one service) share a
-//! [`Registry`]. Once a model (keyed by scheme, authority and path) answers
-//! "loading", it gets a [`Gate`]: one request at a time probes the model, the
-//! others wait in-process instead of each retrying upstream. The first answer
-//! that is not "loading" removes the gate and releases every waiter at once.
+//! [`Registry`]. Once a model (keyed by scheme, authority and path, or the
+//! user's key) answers "loading", it gets a [`ColdModel`]: one request at a
+//! time probes the model (the caller holding its [`Probe`]), the others wait
+//! in-process as [`Waiter`]s instead of each retrying upstream. The first
+//! answer that is not "loading" removes it and releases every waiter at once.
 //!
-//! A gate lives only while somebody needs it: it is born with its probe in
-//! the hands of the caller whose answer created it, and the last of its
-//! prober and waiters to leave (answered, given up, or dropped unpolled)
-//! removes it. Both are decided under the gate's lock, so a gate nobody
+//! A cold model's state lives only while somebody needs it: it is born with
+//! its probe in the hands of the caller whose answer created it, and the last
+//! of its prober and waiters to leave (answered, given up, or dropped
+//! unpolled) removes it. Both are decided under its lock, so a state nobody
 //! probes or waits on cannot be left behind.
 //!
 //! The warm path pays one relaxed atomic load: while no model is cold the
@@ -20,15 +22,17 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use bytes::Bytes;
-use http::{response, HeaderMap, Uri};
+use http::Uri;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
+
+use crate::loading::LoadingAnswer;
 
 /// How many buckets the keys of cold models are counted in.
 const BUCKETS: usize = 32;
@@ -36,58 +40,51 @@ const BUCKETS: usize = 32;
 /// The cold models of one layer.
 #[derive(Default)]
 pub(crate) struct Registry {
-    // How many gates exist; zero on the warm path.
+    // How many models are cold; zero on the warm path.
     cold: AtomicUsize,
-    // How many gates exist per bucket of keys (`key % BUCKETS`): a model
+    // How many are cold per bucket of keys (`key % BUCKETS`): a model
     // whose bucket is empty is warm, known without the lock.
     buckets: [AtomicU32; BUCKETS],
-    gates: Mutex<HashMap<u64, Arc<Gate>>>,
+    models: Mutex<HashMap<u64, Arc<ColdModel>>>,
     // Models whose readiness route proved wrong (it answered neither ready
     // nor not ready) or lied (it said ready, then the model answered cold):
     // their probes send the request itself.
     untrusted_routes: Mutex<std::collections::HashSet<u64>>,
     hasher: RandomState,
-    // Probes and waiters alive, for the life-cycle tests.
-    #[cfg(test)]
-    pub(crate) live: Live,
+    // Probes and waiters alive, of every cold model (those already released
+    // included): a gauge, and the life-cycle tests' proof that none leaks.
+    probes: AtomicUsize,
+    waiters: AtomicUsize,
 }
 
-/// Who is counted in or out of a gate.
+/// Who is counted in or out of a model.
 #[derive(Clone, Copy)]
 enum Role {
     Probe,
     Waiter,
 }
 
-/// Counts of probes and waiters alive (tests only).
-#[cfg(test)]
-#[derive(Default)]
-pub(crate) struct Live {
-    pub(crate) probes: AtomicUsize,
-    pub(crate) waiters: AtomicUsize,
-    // Requests sent under a probe of a gate that is no longer the model's.
-    pub(crate) stale_sends: AtomicUsize,
-}
-
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("cold_models", &self.cold.load(Ordering::Relaxed))
+            .field("probes", &self.probes.load(Ordering::Relaxed))
+            .field("waiters", &self.waiters.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 /// A model known to be loading.
-pub(crate) struct Gate {
-    // Where the gate lives, to forget it when its last caller gives up (weak:
-    // the registry owns its gates).
+pub(crate) struct ColdModel {
+    // Where it lives, to forget it when its last caller gives up (weak:
+    // the registry owns the cold models).
     registry: Weak<Registry>,
     key: u64,
-    state: Mutex<GateState>,
+    state: Mutex<ModelState>,
     notify: Arc<Notify>,
 }
 
-struct GateState {
+struct ModelState {
     probing: bool,
     // Callers waiting for the probe: the prober polls faster for company.
     waiting: usize,
@@ -96,33 +93,10 @@ struct GateState {
     asked: tokio::time::Instant,
     // The latest loading response, for a waiter whose budget runs out before
     // it sent a request of its own.
-    last: Arc<Snapshot>,
+    last: Arc<LoadingAnswer>,
     // How many loading answers the model gave: a waiter tells its caller of
     // each one it has not heard yet.
     answers: u64,
-}
-
-/// A loading response, read to its end.
-#[derive(Clone)]
-pub(crate) struct Snapshot {
-    pub(crate) head: response::Parts,
-    pub(crate) body: Vec<Bytes>,
-    pub(crate) trailers: Option<HeaderMap>,
-    // How the next request for this model asks the server to hold it.
-    pub(crate) hold: crate::classifier::Hold,
-    // What the classifier read in it, for the progress of waiting callers.
-    pub(crate) model: Option<String>,
-    pub(crate) estimate: Option<f64>,
-    // Not an answer but a refused connection: the server is still booting.
-    // (The head and body are then empty.)
-    pub(crate) refused: Option<Arc<dyn std::error::Error + Send + Sync>>,
-    // Whether the server's readiness route tells when this state ends: a
-    // model not ready, or a server not up; not overload or a quota.
-    pub(crate) checkable: bool,
-    // The poll interval the classifier gave for this server, if any.
-    pub(crate) poll: Option<std::time::Duration>,
-    // When it came: the latest of two answers is the one given back.
-    pub(crate) at: tokio::time::Instant,
 }
 
 /// The right to probe a cold model; given back (and the next waiter woken)
@@ -130,7 +104,7 @@ pub(crate) struct Snapshot {
 /// dropping its future. A probe given back while nobody waits forgets the
 /// model: a cold start every caller gave up on leaves nothing behind.
 pub(crate) struct Probe {
-    gate: Arc<Gate>,
+    model: Arc<ColdModel>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,36 +153,36 @@ impl Registry {
         self.any_cold() && self.bucket(key).load(Ordering::Relaxed) > 0
     }
 
-    /// The gate of a cold model, if it is cold.
-    pub(crate) fn gate(&self, key: u64) -> Option<Arc<Gate>> {
+    /// The shared state of `key`'s model, if it is cold.
+    pub(crate) fn cold_model(&self, key: u64) -> Option<Arc<ColdModel>> {
         if !self.may_be_cold(key) {
             return None;
         }
-        lock(&self.gates).get(&key).cloned()
+        lock(&self.models).get(&key).cloned()
     }
 
-    /// Records a loading response for `key`. A new gate is born probed: the
+    /// Records a loading response for `key`. A new cold model is born probed: the
     /// probe comes back for the caller whose answer created it, so that no
-    /// gate exists that nobody is in charge of. An existing gate keeps its
+    /// cold model exists that nobody is in charge of. An existing one keeps its
     /// prober (`None`), and its waiters hear of the new answer.
     pub(crate) fn mark_cold(
         self: &Arc<Self>,
         key: u64,
-        last: Arc<Snapshot>,
-    ) -> (Arc<Gate>, Option<Probe>) {
-        let mut gates = lock(&self.gates);
-        if let Some(gate) = gates.get(&key) {
-            let mut state = lock(&gate.state);
+        last: Arc<LoadingAnswer>,
+    ) -> (Arc<ColdModel>, Option<Probe>) {
+        let mut models = lock(&self.models);
+        if let Some(model) = models.get(&key) {
+            let mut state = lock(&model.state);
             state.last = last;
             state.answers += 1;
             drop(state);
-            gate.notify.notify_waiters();
-            return (Arc::clone(gate), None);
+            model.notify.notify_waiters();
+            return (Arc::clone(model), None);
         }
-        let gate = Arc::new(Gate {
+        let model = Arc::new(ColdModel {
             registry: Arc::downgrade(self),
             key,
-            state: Mutex::new(GateState {
+            state: Mutex::new(ModelState {
                 probing: true,
                 waiting: 0,
                 asked: tokio::time::Instant::now(),
@@ -217,46 +191,54 @@ impl Registry {
             }),
             notify: Arc::new(Notify::new()),
         });
-        gates.insert(key, Arc::clone(&gate));
-        drop(gates);
+        models.insert(key, Arc::clone(&model));
+        drop(models);
         self.bucket(key).fetch_add(1, Ordering::Relaxed);
         self.cold.fetch_add(1, Ordering::Relaxed);
-        let probe = Probe::new(Arc::clone(&gate));
-        (gate, Some(probe))
+        let probe = Probe::new(Arc::clone(&model));
+        (model, Some(probe))
     }
 
-    /// Drops `gate` if it is still `key`'s and nobody probes or waits on it.
-    /// Locks in the order `mark_cold` does: the registry, then the gate.
-    fn forget_if_idle(&self, gate: &Arc<Gate>) {
-        let mut gates = lock(&self.gates);
-        let current = gates
-            .get(&gate.key)
-            .is_some_and(|current| Arc::ptr_eq(current, gate));
-        if current && lock(&gate.state).idle() {
-            gates.remove(&gate.key);
-            drop(gates);
-            self.bucket(gate.key).fetch_sub(1, Ordering::Relaxed);
+    /// Forgets `model` if it is still its key's and nobody probes or waits on it.
+    /// Locks in the order `mark_cold` does: the registry, then the model's state.
+    fn forget_if_idle(&self, model: &Arc<ColdModel>) {
+        let mut models = lock(&self.models);
+        let current = models
+            .get(&model.key)
+            .is_some_and(|current| Arc::ptr_eq(current, model));
+        if current && lock(&model.state).idle() {
+            models.remove(&model.key);
+            drop(models);
+            self.bucket(model.key).fetch_sub(1, Ordering::Relaxed);
             self.cold.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Records that `key` answered something other than "loading": drops its
-    /// gate and releases every waiter.
+    /// model and releases every waiter.
     pub(crate) fn mark_warm(&self, key: u64) {
         if !self.may_be_cold(key) {
             return;
         }
-        let removed = lock(&self.gates).remove(&key);
-        if let Some(gate) = removed {
+        let removed = lock(&self.models).remove(&key);
+        if let Some(model) = removed {
             self.bucket(key).fetch_sub(1, Ordering::Relaxed);
             self.cold.fetch_sub(1, Ordering::Relaxed);
-            gate.notify.notify_waiters();
+            model.notify.notify_waiters();
         }
     }
 
     /// How many models are cold.
     pub(crate) fn cold_models(&self) -> usize {
         self.cold.load(Ordering::Relaxed)
+    }
+
+    /// How many callers wait behind another caller's probe, and how many
+    /// probes are held, over every cold model (its `Debug` shows them too).
+    #[cfg(test)]
+    pub(crate) fn census(&self) -> (usize, usize) {
+        let waiters = self.waiters.load(Ordering::Relaxed);
+        (waiters, self.probes.load(Ordering::Relaxed))
     }
 
     /// Whether the readiness route of `key`'s model may still be used.
@@ -279,37 +261,38 @@ impl Registry {
 /// The most models whose readiness route a registry remembers as wrong.
 const UNTRUSTED_ROUTES: usize = 4096;
 
-impl GateState {
+impl ModelState {
     /// Nobody probes the model or waits for it.
     fn idle(&self) -> bool {
         !self.probing && self.waiting == 0
     }
 }
 
-impl Gate {
+impl ColdModel {
     /// Takes the probe if nobody holds it, or else joins the callers waiting
-    /// for it: one decision under the lock, so that the gate is never seen
-    /// idle in between.
-    pub(crate) fn probe_or_join(self: &Arc<Self>) -> Result<Probe, Company> {
+    /// for it: one decision under the lock, so that the model is never seen
+    /// idle in between. A waiter listens for the model's next change from
+    /// before the decision, so that a probe given back right after it is
+    /// heard.
+    pub(crate) fn probe_or_join(self: &Arc<Self>) -> Result<Probe, Waiter> {
+        let wake = self.wake_up();
         let mut state = lock(&self.state);
         if state.probing {
             state.waiting += 1;
             drop(state);
-            return Err(Company::new(Arc::clone(self)));
+            return Err(Waiter::new(Arc::clone(self), wake));
         }
         state.probing = true;
         drop(state);
         Ok(Probe::new(Arc::clone(self)))
     }
 
-    /// Counts a probe or a waiter of this gate in or out (tests only: the
-    /// life-cycle test reads the counts; elsewhere this is nothing).
-    #[cfg(test)]
+    /// Counts a probe or a waiter of this model in or out.
     fn count(&self, role: Role, arrives: bool) {
         if let Some(registry) = self.registry.upgrade() {
             let counter = match role {
-                Role::Probe => &registry.live.probes,
-                Role::Waiter => &registry.live.waiters,
+                Role::Probe => &registry.probes,
+                Role::Waiter => &registry.waiters,
             };
             if arrives {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -319,16 +302,23 @@ impl Gate {
         }
     }
 
-    #[cfg(not(test))]
-    fn count(&self, _: Role, _: bool) {}
-
-    /// Forgets this gate if nobody is left on it.
+    /// Forgets this model if nobody is left on it.
     fn leave(self: &Arc<Self>, idle: bool) {
         if idle {
             if let Some(registry) = self.registry.upgrade() {
                 registry.forget_if_idle(self);
             }
         }
+    }
+
+    /// Whether this is still its model's state: a release (a non-loading
+    /// answer) removes it, and its probe and waiters then stand for nothing.
+    pub(crate) fn is_current(self: &Arc<Self>) -> bool {
+        self.registry.upgrade().is_some_and(|registry| {
+            registry
+                .cold_model(self.key)
+                .is_some_and(|current| Arc::ptr_eq(&current, self))
+        })
     }
 
     /// Records that the prober sent a request now.
@@ -342,17 +332,17 @@ impl Gate {
     }
 
     /// The latest loading response.
-    pub(crate) fn last(&self) -> Arc<Snapshot> {
+    pub(crate) fn last(&self) -> Arc<LoadingAnswer> {
         Arc::clone(&lock(&self.state).last)
     }
 
     /// How many loading answers the model gave, and the latest.
-    pub(crate) fn heard(&self) -> (u64, Arc<Snapshot>) {
+    pub(crate) fn heard(&self) -> (u64, Arc<LoadingAnswer>) {
         let state = lock(&self.state);
         (state.answers, Arc::clone(&state.last))
     }
 
-    /// Whether callers wait for this gate's probe.
+    /// Whether callers wait for this model's probe.
     pub(crate) fn has_company(&self) -> bool {
         lock(&self.state).waiting > 0
     }
@@ -368,76 +358,84 @@ impl Gate {
 }
 
 impl Probe {
-    /// A probe of `gate`, whose state already says it is probed.
-    fn new(gate: Arc<Gate>) -> Self {
-        gate.count(Role::Probe, true);
-        Probe { gate }
+    /// A probe of `model`, whose state already says it is probed.
+    fn new(model: Arc<ColdModel>) -> Self {
+        model.count(Role::Probe, true);
+        Probe { model }
     }
 
-    /// Whether this probe's gate is still its model's: a release (a
-    /// non-loading answer) removes the gate, and the probe then stands for
-    /// nothing.
+    /// Whether this probe's model state is still the model's.
     pub(crate) fn is_current(&self) -> bool {
-        self.gate.registry.upgrade().is_some_and(|registry| {
-            registry
-                .gate(self.gate.key)
-                .is_some_and(|current| Arc::ptr_eq(&current, &self.gate))
-        })
+        self.model.is_current()
     }
 
-    /// The gate this probe belongs to.
-    pub(crate) fn gate(&self) -> &Arc<Gate> {
-        &self.gate
+    /// The model this probe belongs to.
+    pub(crate) fn model(&self) -> &Arc<ColdModel> {
+        &self.model
     }
 }
 
-/// A caller waiting for a gate's probe, counted while it lives.
-pub(crate) struct Company {
-    gate: Arc<Gate>,
+/// A caller waiting for a model's probe, counted while it lives.
+pub(crate) struct Waiter {
+    model: Arc<ColdModel>,
+    // The model's next change: a probe given back, a new loading answer,
+    // its release.
+    wake: Pin<Box<OwnedNotified>>,
 }
 
-impl Company {
-    /// A waiter on `gate`, already counted in its state.
-    fn new(gate: Arc<Gate>) -> Self {
-        gate.count(Role::Waiter, true);
-        Company { gate }
+impl Waiter {
+    /// A waiter on `model`, already counted in its state.
+    fn new(model: Arc<ColdModel>, wake: Pin<Box<OwnedNotified>>) -> Self {
+        model.count(Role::Waiter, true);
+        Waiter { model, wake }
     }
 
-    /// The gate this caller waits on.
-    pub(crate) fn gate(&self) -> &Arc<Gate> {
-        &self.gate
+    /// The model this caller waits on.
+    pub(crate) fn model(&self) -> &Arc<ColdModel> {
+        &self.model
+    }
+
+    /// Ready at the model's next change.
+    pub(crate) fn poll_changed(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.wake.as_mut().poll(cx)
     }
 }
 
-impl Drop for Company {
+impl Drop for Waiter {
     fn drop(&mut self) {
-        self.gate.count(Role::Waiter, false);
+        self.model.count(Role::Waiter, false);
         let idle = {
-            let mut state = lock(&self.gate.state);
+            let mut state = lock(&self.model.state);
             state.waiting -= 1;
             state.idle()
         };
-        self.gate.leave(idle);
+        self.model.leave(idle);
     }
 }
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        self.gate.count(Role::Probe, false);
+        self.model.count(Role::Probe, false);
         let idle = {
-            let mut state = lock(&self.gate.state);
+            let mut state = lock(&self.model.state);
             state.probing = false;
             state.idle()
         };
-        self.gate.leave(idle);
+        self.model.leave(idle);
         // A waiter takes the probe over.
-        self.gate.notify.notify_waiters();
+        self.model.notify.notify_waiters();
     }
 }
 
-impl std::fmt::Debug for Company {
+impl std::fmt::Debug for Waiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Company")
+        f.write_str("Waiter")
+    }
+}
+
+impl std::fmt::Debug for ColdModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ColdModel")
     }
 }
 
@@ -451,9 +449,9 @@ impl std::fmt::Debug for Probe {
 mod tests {
     use super::*;
 
-    fn snapshot() -> Arc<Snapshot> {
+    fn answer() -> Arc<LoadingAnswer> {
         let (head, ()) = http::Response::new(()).into_parts();
-        Arc::new(Snapshot {
+        Arc::new(LoadingAnswer {
             head,
             body: Vec::new(),
             trailers: None,
@@ -480,21 +478,21 @@ mod tests {
     #[test]
     fn a_new_gate_is_born_probed_by_its_creator() {
         let registry = Arc::new(Registry::default());
-        let (gate, probe) = registry.mark_cold(1, snapshot());
+        let (model, probe) = registry.mark_cold(1, answer());
         assert!(probe.is_some());
-        let (again, none) = registry.mark_cold(1, snapshot());
-        assert!(Arc::ptr_eq(&gate, &again));
-        assert!(none.is_none(), "an existing gate keeps its prober");
-        assert!(gate.probe_or_join().is_err(), "one probe at a time");
+        let (again, none) = registry.mark_cold(1, answer());
+        assert!(Arc::ptr_eq(&model, &again));
+        assert!(none.is_none(), "an existing model keeps its prober");
+        assert!(model.probe_or_join().is_err(), "one probe at a time");
     }
 
     #[test]
     fn one_probe_at_a_time_and_given_back_on_drop() {
         let registry = Arc::new(Registry::default());
-        let (gate, probe) = registry.mark_cold(1, snapshot());
-        let waiter = gate.probe_or_join().expect_err("probed");
+        let (model, probe) = registry.mark_cold(1, answer());
+        let waiter = model.probe_or_join().expect_err("probed");
         drop(probe);
-        let probe = gate.probe_or_join().expect("given back");
+        let probe = model.probe_or_join().expect("given back");
         drop(waiter);
         assert_eq!(registry.cold_models(), 1, "the prober is still on it");
         drop(probe);
@@ -505,16 +503,16 @@ mod tests {
     fn the_last_to_leave_forgets_the_model_prober_or_waiter() {
         let registry = Arc::new(Registry::default());
         // The prober leaves last.
-        let (gate, probe) = registry.mark_cold(9, snapshot());
-        drop(gate.probe_or_join().expect_err("probed"));
+        let (model, probe) = registry.mark_cold(9, answer());
+        drop(model.probe_or_join().expect_err("probed"));
         assert_eq!(registry.cold_models(), 1);
         drop(probe);
         assert_eq!(registry.cold_models(), 0);
-        assert!(registry.gate(9).is_none());
+        assert!(registry.cold_model(9).is_none());
         assert!(!registry.any_cold(), "the warm path is lock-free again");
         // The waiters leave last, unpolled.
-        let (gate, probe) = registry.mark_cold(9, snapshot());
-        let waiters: Vec<_> = (0..3).map(|_| gate.probe_or_join().unwrap_err()).collect();
+        let (model, probe) = registry.mark_cold(9, answer());
+        let waiters: Vec<_> = (0..3).map(|_| model.probe_or_join().unwrap_err()).collect();
         drop(probe);
         assert_eq!(registry.cold_models(), 1);
         drop(waiters);
@@ -528,24 +526,26 @@ mod tests {
     #[test]
     fn a_newer_gate_is_not_an_older_probe_to_forget() {
         let registry = Arc::new(Registry::default());
-        let (_, old) = registry.mark_cold(9, snapshot());
+        let (_, old) = registry.mark_cold(9, answer());
         registry.mark_warm(9);
-        let (new, new_probe) = registry.mark_cold(9, snapshot());
+        let (new, new_probe) = registry.mark_cold(9, answer());
         drop(old);
-        assert!(registry.gate(9).is_some_and(|g| Arc::ptr_eq(&g, &new)));
+        assert!(registry
+            .cold_model(9)
+            .is_some_and(|g| Arc::ptr_eq(&g, &new)));
         drop(new_probe);
-        assert!(registry.gate(9).is_none());
+        assert!(registry.cold_model(9).is_none());
     }
 
     #[tokio::test]
     async fn warm_drops_the_gate_and_wakes_every_waiter() {
         let registry = Arc::new(Registry::default());
-        let (gate, _probe) = registry.mark_cold(7, snapshot());
+        let (model, _probe) = registry.mark_cold(7, answer());
         assert_eq!(registry.cold_models(), 1);
-        let waiters: Vec<_> = (0..3).map(|_| gate.wake_up()).collect();
+        let waiters: Vec<_> = (0..3).map(|_| model.wake_up()).collect();
         registry.mark_warm(7);
         assert_eq!(registry.cold_models(), 0);
-        assert!(registry.gate(7).is_none());
+        assert!(registry.cold_model(7).is_none());
         for waiter in waiters {
             tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
                 .await
@@ -557,10 +557,10 @@ mod tests {
     fn a_warm_model_in_another_bucket_is_known_warm_without_the_lock() {
         let registry = Arc::new(Registry::default());
         let cold = 3 * BUCKETS as u64 + 5;
-        let _probe = registry.mark_cold(cold, snapshot());
+        let _probe = registry.mark_cold(cold, answer());
         assert!(registry.may_be_cold(cold));
         assert!(registry.may_be_cold(5), "same bucket: looked up");
-        assert!(registry.gate(5).is_none());
+        assert!(registry.cold_model(5).is_none());
         assert!(!registry.may_be_cold(6));
         registry.mark_warm(cold);
         assert!(!registry.may_be_cold(cold));
@@ -573,23 +573,23 @@ mod tests {
     #[test]
     fn company_is_counted_while_it_waits() {
         let registry = Arc::new(Registry::default());
-        let (gate, _probe) = registry.mark_cold(1, snapshot());
-        assert!(!gate.has_company());
-        let one = gate.probe_or_join().unwrap_err();
-        let two = gate.probe_or_join().unwrap_err();
-        assert!(gate.has_company());
+        let (model, _probe) = registry.mark_cold(1, answer());
+        assert!(!model.has_company());
+        let one = model.probe_or_join().unwrap_err();
+        let two = model.probe_or_join().unwrap_err();
+        assert!(model.has_company());
         drop(one);
-        assert!(gate.has_company());
+        assert!(model.has_company());
         drop(two);
-        assert!(!gate.has_company());
+        assert!(!model.has_company());
     }
 
     #[tokio::test]
     async fn a_dropped_probe_wakes_the_waiters() {
         let registry = Arc::new(Registry::default());
-        let (gate, probe) = registry.mark_cold(7, snapshot());
-        let _waiter = gate.probe_or_join().unwrap_err();
-        let waiter = gate.wake_up();
+        let (model, probe) = registry.mark_cold(7, answer());
+        let _waiter = model.probe_or_join().unwrap_err();
+        let waiter = model.wake_up();
         drop(probe);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await

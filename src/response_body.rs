@@ -146,20 +146,8 @@ where
             Kind::Passthrough { body } => body.size_hint(),
             Kind::Peeked { prefix, rest, .. } => {
                 let read = prefix.as_slice().iter().map(|c| c.len() as u64).sum();
-                hint_plus(rest.as_ref().map(|b| b.size_hint()), read)
+                crate::size_hint::after_read(rest.as_ref().map(|b| b.size_hint()), read)
             }
         }
     }
-}
-
-/// The size hint of `read` bytes already in hand followed by a body whose
-/// hint is `rest` (`None`: nothing follows).
-pub(crate) fn hint_plus(rest: Option<SizeHint>, read: u64) -> SizeHint {
-    let mut hint = rest.unwrap_or_else(|| SizeHint::with_exact(0));
-    // Raise the upper bound first: `set_lower` panics above the upper bound.
-    if let Some(upper) = hint.upper() {
-        hint.set_upper(upper.saturating_add(read));
-    }
-    hint.set_lower(hint.lower().saturating_add(read));
-    hint
 }
