@@ -18,16 +18,9 @@ const MODEL: &str = "/models/gpt2";
 
 async fn one_call(model: Model) -> (HfServer, Response<Bytes>) {
     let server = HfServer::start([(MODEL, model)]).await;
-    let client = ServiceBuilder::new()
-        .layer(ColdStartRetryLayer::new().jitter(false))
-        .service(http1());
-    let request = Request::post(server.url(MODEL))
-        .body(Full::new(Bytes::from_static(b"{\"inputs\":\"x\"}")))
-        .unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (server, Response::from_parts(parts, body))
+    let client = layered(ColdStartRetryLayer::new().jitter(false));
+    let got = post(client, server.url(MODEL), &b"{\"inputs\":\"x\"}"[..]).await;
+    (server, got.response)
 }
 
 async fn assert_passes_through(status: u16, content_type: &str, body: &'static [u8]) {

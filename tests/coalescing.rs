@@ -15,9 +15,9 @@ use tower_cold_start::ColdStartRetryLayer;
 
 const MODEL: &str = "/models/gpt2";
 
-/// One caller: sends its own input and checks it gets it back.
-async fn caller(client: Layered, url: String, n: usize) -> (u16, Instant, u32) {
-    send(client, url, format!(r#"{{"inputs":"caller {n}"}}"#)).await
+/// One caller's own input, which it must get back.
+fn input(n: usize) -> String {
+    format!(r#"{{"inputs":"caller {n}"}}"#)
 }
 
 #[tokio::test(start_paused = true)]
@@ -29,11 +29,11 @@ async fn callers_that_arrive_during_a_cold_start_wait_for_one_probe() {
     let client = layered(ColdStartRetryLayer::new());
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(caller(client.clone(), server.url(MODEL), 0));
+    tasks.spawn(send(client.clone(), server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(server.count(), 1);
     for n in 1..100 {
-        tasks.spawn(caller(client.clone(), server.url(MODEL), n));
+        tasks.spawn(send(client.clone(), server.url(MODEL), input(n)));
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -80,7 +80,7 @@ async fn callers_that_meet_the_cold_model_together_retry_once_each_not_each_on_a
     let client = layered(advised().jitter(false));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        tasks.spawn(caller(client.clone(), server.url(MODEL), i));
+        tasks.spawn(send(client.clone(), server.url(MODEL), input(i)));
     }
     while let Some(result) = tasks.join_next().await {
         assert_eq!(result.unwrap().0, 200);
@@ -111,9 +111,9 @@ async fn when_the_probing_caller_is_dropped_a_waiter_takes_the_probe_at_once() {
             .jitter(false)
             .max_total_wait(Duration::from_secs(300)),
     );
-    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    let prober = tokio::spawn(send(client.clone(), server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let waiter = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    let waiter = tokio::spawn(send(client.clone(), server.url(MODEL), input(1)));
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(server.count(), 1);
     // The prober's caller gives up at 5 s (its own timeout, say).
@@ -131,10 +131,10 @@ async fn a_waiter_dropped_while_waiting_sends_nothing_and_others_are_unaffected(
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let client = layered(advised().jitter(false));
-    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    let prober = tokio::spawn(send(client.clone(), server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let dropped = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
-    let kept = tokio::spawn(caller(client.clone(), server.url(MODEL), 2));
+    let dropped = tokio::spawn(send(client.clone(), server.url(MODEL), input(1)));
+    let kept = tokio::spawn(send(client.clone(), server.url(MODEL), input(2)));
     tokio::time::sleep(Duration::from_secs(2)).await;
     dropped.abort();
     assert_eq!(prober.await.unwrap().0, 200);
@@ -156,11 +156,15 @@ async fn waiters_keep_their_own_budget_and_get_the_last_loading_response() {
             .max_total_wait(Duration::from_secs(50)),
     );
     let start = Instant::now();
-    let first = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    let first = tokio::spawn(send(client.clone(), server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut waiters = Vec::new();
     for n in 1..5 {
-        waiters.push(tokio::spawn(caller(client.clone(), server.url(MODEL), n)));
+        waiters.push(tokio::spawn(send(
+            client.clone(),
+            server.url(MODEL),
+            input(n),
+        )));
     }
     let (status, _, attempts) = first.await.unwrap();
     assert_eq!((status, attempts), (503, 4), "attempts at 0, 20, 40, 50 s");
@@ -183,10 +187,13 @@ async fn a_model_warm_again_goes_straight_upstream() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(5), 2.0, false))]).await;
     let client = layered(advised().jitter(false));
-    assert_eq!(caller(client.clone(), server.url(MODEL), 0).await.0, 200);
+    assert_eq!(
+        send(client.clone(), server.url(MODEL), input(0)).await.0,
+        200
+    );
     let before = server.count();
     let start = Instant::now();
-    let (status, at, attempts) = caller(client.clone(), server.url(MODEL), 1).await;
+    let (status, at, attempts) = send(client.clone(), server.url(MODEL), input(1)).await;
     assert_eq!((status, attempts), (200, 1));
     assert!(at - start < Duration::from_millis(10));
     assert_eq!(server.count(), before + 1);
@@ -214,9 +221,9 @@ async fn a_warm_answer_to_a_request_already_in_flight_releases_the_waiters() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let b = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    let b = tokio::spawn(send(client.clone(), server.url(MODEL), input(1)));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c = tokio::spawn(caller(client.clone(), server.url(MODEL), 2));
+    let c = tokio::spawn(send(client.clone(), server.url(MODEL), input(2)));
     assert_eq!(a.await.unwrap(), 200);
     let (status, at, attempts) = c.await.unwrap();
     assert_eq!((status, attempts), (200, 1));
@@ -236,9 +243,9 @@ async fn a_cold_model_whose_callers_are_all_dropped_unpolled_is_forgotten() {
     )])
     .await;
     let client = layered(ColdStartRetryLayer::new().jitter(false));
-    let prober = tokio::spawn(caller(client.clone(), server.url(MODEL), 0));
+    let prober = tokio::spawn(send(client.clone(), server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let waiter = tokio::spawn(caller(client.clone(), server.url(MODEL), 1));
+    let waiter = tokio::spawn(send(client.clone(), server.url(MODEL), input(1)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(client.cold_models(), 1);
     // A server drops the handlers of clients that went away: the prober's
@@ -358,18 +365,18 @@ async fn every_caller_of_a_cold_model_hears_of_its_progress_not_only_the_prober(
             e.elapsed(),
         ));
     }));
-    let first = tokio::spawn(caller(
+    let first = tokio::spawn(send(
         client.clone(),
         server.url(&format!("{MODEL}?c=0")),
-        0,
+        input(0),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiters: Vec<_> = (1..=20)
         .map(|n| {
-            tokio::spawn(caller(
+            tokio::spawn(send(
                 client.clone(),
                 server.url(&format!("{MODEL}?c={n}")),
-                n,
+                input(n),
             ))
         })
         .collect();
@@ -410,7 +417,7 @@ async fn a_layer_configured_apart_from_a_clone_shares_no_cold_models_with_it() {
     let same = layer.clone();
     let apart = layer.clone().max_total_wait(Duration::from_secs(30));
     let client = layered(layer.clone());
-    let probing = tokio::spawn(caller(client, server.url(MODEL), 0));
+    let probing = tokio::spawn(send(client, server.url(MODEL), input(0)));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(layer.cold_models(), 1);
     assert_eq!(same.cold_models(), 1, "a plain clone shares");

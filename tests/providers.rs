@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -18,21 +18,7 @@ use tower_cold_start::ColdStartRetryLayer;
 
 const PATH: &str = "/models/m";
 
-async fn call(server: &HfServer, layer: ColdStartRetryLayer) -> (u16, Bytes, u32) {
-    let client = ServiceBuilder::new().layer(layer).service(http1());
-    let response = client
-        .oneshot(
-            Request::post(server.url(PATH))
-                .body(Full::new(Bytes::from_static(b"{\"inputs\":\"x\"}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let attempts = report(&response).attempts();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body, attempts)
-}
+const INPUT: &[u8] = b"{\"inputs\":\"x\"}";
 
 #[tokio::test(start_paused = true)]
 async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
@@ -49,7 +35,9 @@ async fn inference_endpoints_hold_the_retry_with_the_budget_left() {
         .jitter(false)
         .classifier(InferenceEndpoints.with_hold_first_request(false));
     let start = Instant::now();
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 2));
     // default_wait (20 s), then a retry held by the proxy until the replica
     // is up at 45 s.
@@ -77,7 +65,9 @@ async fn inference_endpoints_hold_the_first_request_so_a_scaled_to_zero_endpoint
     .await;
     let layer = ColdStartRetryLayer::new().classifier(InferenceEndpoints);
     let start = Instant::now();
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 1));
     assert_eq!(start.elapsed(), Duration::from_secs(45));
     let received = server.received();
@@ -100,7 +90,9 @@ async fn inference_endpoints_retry_a_502_from_an_older_proxy_after_retry_after()
     )])
     .await;
     let layer = advised().jitter(false).classifier(InferenceEndpoints);
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 7.0]);
 }
@@ -115,7 +107,9 @@ async fn the_default_classifier_passes_an_endpoint_503_through() {
         },
     )])
     .await;
-    let (status, _, attempts) = call(&server, advised().jitter(false)).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(advised().jitter(false)), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (503, 1));
 }
 
@@ -135,7 +129,9 @@ async fn tgi_overload_backs_off_exponentially() {
     )])
     .await;
     let layer = advised().jitter(false).classifier(TgiOverloaded);
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 4));
     assert_eq!(server.offsets(), [0.0, 1.0, 3.0, 7.0], "1 s, 2 s, 4 s");
     assert!(server
@@ -148,7 +144,7 @@ async fn tgi_overload_backs_off_exponentially() {
 async fn tgi_backoff_with_jitter_stays_within_half_to_full_steps() {
     let server = HfServer::start([(PATH, Model::Sequence(vec![overloaded(); 5]))]).await;
     let layer = advised().classifier(TgiOverloaded);
-    let (status, _, _) = call(&server, layer).await;
+    let Outcome { status, .. } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!(status, 200);
     let at = server.offsets();
     let gaps: Vec<f64> = at.windows(2).map(|w| w[1] - w[0]).collect();
@@ -169,7 +165,12 @@ async fn a_rate_limit_429_is_not_overload_and_passes_through() {
     let server =
         HfServer::start([(PATH, Model::fixed(429, "application/json", body.clone()))]).await;
     let layer = advised().classifier(TgiOverloaded.or(HuggingFace));
-    let (status, got, attempts) = call(&server, layer).await;
+    let Outcome {
+        status,
+        body: got,
+        attempts,
+        ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (429, 1));
     assert_eq!(got, body);
 }
@@ -187,7 +188,11 @@ async fn retry_after_seconds_on_a_503_and_a_429() {
         )])
         .await;
         let layer = advised().jitter(false).classifier(RetryAfter::new());
-        let (got, _, attempts) = call(&server, layer).await;
+        let Outcome {
+            status: got,
+            attempts,
+            ..
+        } = post(layered(layer), server.url(PATH), INPUT).await;
         assert_eq!((got, attempts), (200, 2), "{status}");
         assert_eq!(server.offsets(), [0.0, 12.0], "{status}");
     }
@@ -208,7 +213,7 @@ async fn retry_after_dates_follow_the_server_clock_not_ours() {
     let server =
         HfServer::start([(PATH, Model::Sequence(vec![(503, headers, Bytes::new())]))]).await;
     let layer = advised().jitter(false).classifier(RetryAfter::new());
-    let (status, _, _) = call(&server, layer).await;
+    let Outcome { status, .. } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!(status, 200);
     assert_eq!(server.offsets(), [0.0, 30.0]);
 }
@@ -229,7 +234,9 @@ async fn retry_after_dates_in_the_past_and_absurd_delays_stay_in_bounds() {
     )])
     .await;
     let layer = advised().jitter(false).classifier(RetryAfter::new());
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     // A past date: the 1 s floor. An absurd delay, past the budget: not
     // slept at all, the answer goes back at once.
     assert_eq!((status, attempts), (503, 2));
@@ -258,7 +265,12 @@ async fn a_retry_after_beyond_the_budget_hands_the_answer_back_at_once() {
         .await;
         let layer = ColdStartRetryLayer::new().classifier(RetryAfter::new());
         let start = Instant::now();
-        let (status, body, attempts) = call(&server, layer).await;
+        let Outcome {
+            status,
+            body,
+            attempts,
+            ..
+        } = post(layered(layer), server.url(PATH), INPUT).await;
         assert_eq!((status, attempts), (429, 1), "{header:?}");
         assert_eq!(&body[..], b"quota", "as the server sent it");
         assert_eq!(start.elapsed(), Duration::ZERO, "{header:?}: not slept");
@@ -283,7 +295,9 @@ async fn fractional_and_millisecond_retry_afters_are_waited_as_written() {
     )])
     .await;
     let layer = advised().jitter(false).classifier(RetryAfter::new());
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 3));
     // retry-after-ms wins over retry-after when both are sent.
     assert_eq!(server.offsets(), [0.0, 1.5, 3.75]);
@@ -299,7 +313,7 @@ async fn retry_after_with_prefer_wait_asks_to_be_held() {
     let layer = advised()
         .jitter(false)
         .classifier(RetryAfter::new().prefer_wait());
-    let (status, _, _) = call(&server, layer).await;
+    let Outcome { status, .. } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!(status, 200);
     let received = server.received();
     assert_eq!(received[0].headers.get("prefer"), None);
@@ -317,7 +331,12 @@ async fn a_503_without_retry_after_is_not_a_cold_start_for_retry_after() {
     )])
     .await;
     let layer = advised().classifier(RetryAfter::new());
-    let (status, body, attempts) = call(&server, layer).await;
+    let Outcome {
+        status,
+        body,
+        attempts,
+        ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (503, 1));
     assert_eq!(&body[..], b"<html>down</html>");
 }
@@ -344,7 +363,9 @@ async fn huggingface_or_retry_after_covers_both_and_keeps_each_hold() {
     let layer = advised()
         .jitter(false)
         .classifier(HuggingFace.or(RetryAfter::new()));
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 3));
     assert_eq!(server.offsets(), [0.0, 4.0, 6.0]);
     let received = server.received();
@@ -376,7 +397,9 @@ async fn a_closure_classifies() {
                 )
             })
         }));
-    let (status, _, attempts) = call(&server, layer).await;
+    let Outcome {
+        status, attempts, ..
+    } = post(layered(layer), server.url(PATH), INPUT).await;
     assert_eq!((status, attempts), (200, 2));
     assert_eq!(server.offsets(), [0.0, 3.0]);
 }

@@ -39,14 +39,8 @@ async fn through<C: Classify>(server: &HfServer, path: &str, classifier: C) -> (
     let layer = ColdStartRetryLayer::new()
         .jitter(false)
         .classifier(classifier.with_readiness_route(|_| None));
-    let client = ServiceBuilder::new().layer(layer).service(http1());
-    let request = Request::post(server.url(path))
-        .body(Full::new(Bytes::from_static(br#"{"inputs":[1]}"#)))
-        .unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let status = response.status().as_u16();
-    let attempts = report(&response).attempts();
-    (status, attempts, bytes(response).await)
+    let got = post(layered(layer), server.url(path), &br#"{"inputs":[1]}"#[..]).await;
+    (got.status, got.attempts, got.body)
 }
 
 #[tokio::test(start_paused = true)]

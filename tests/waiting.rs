@@ -9,31 +9,10 @@ use http::Request;
 use http_body_util::Full;
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_cold_start::{ColdStartReport, ColdStartRetryLayer};
 
 const MODEL: &str = "/models/distilbert/distilbert-base-uncased-finetuned-sst-2-english";
 
-async fn call(
-    layer: ColdStartRetryLayer,
-    server: &HfServer,
-    path: &str,
-) -> (http::Response<Bytes>, ColdStartReport) {
-    let client = ServiceBuilder::new().layer(layer).service(http1());
-    let request = Request::post(server.url(path))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"inputs":"I like you."}"#,
-        )))
-        .unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let report = report(&response);
-    let (parts, body) = response.into_parts();
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .unwrap()
-        .to_bytes();
-    (http::Response::from_parts(parts, body), report)
-}
+const INPUT: &[u8] = br#"{"inputs":"I like you."}"#;
 
 fn secs(v: &[f64]) -> Vec<u64> {
     v.iter().map(|s| s.round() as u64).collect()
@@ -42,7 +21,9 @@ fn secs(v: &[f64]) -> Vec<u64> {
 #[tokio::test(start_paused = true)]
 async fn warm_model_costs_one_request_and_reports_no_wait() {
     let server = HfServer::start([(MODEL, Model::Warm)]).await;
-    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.body(),
@@ -58,7 +39,9 @@ async fn sleeps_estimated_time_then_retries_with_the_hold_header() {
     // Ready after 10 s, estimate 20 s: the retry goes out at 20 s and succeeds.
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(10), 20.0, true))]).await;
-    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 20]);
     let received = server.received();
@@ -74,7 +57,9 @@ async fn a_holding_server_answers_the_retry_the_moment_the_model_is_ready() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed().as_secs(), 24);
     assert_eq!(server.count(), 2);
@@ -86,8 +71,14 @@ async fn a_holding_server_answers_the_retry_the_moment_the_model_is_ready() {
 async fn without_the_hold_header_a_slow_model_takes_another_round() {
     let server =
         HfServer::start([(MODEL, Model::cold_with(Duration::from_secs(24), 20.0, true))]).await;
-    let (response, report) =
-        call(advised().jitter(false).hold_retries(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(
+        layered(advised().jitter(false).hold_retries(false)),
+        server.url(MODEL),
+        INPUT,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert!(server
@@ -125,7 +116,8 @@ async fn a_large_estimate_is_capped_by_max_wait() {
         Model::cold_with(Duration::from_secs(30), 1809.18, false),
     )])
     .await;
-    let (response, _) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome { response, .. } =
+        post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 200);
     assert_eq!(secs(&server.offsets()), [0, 60]);
 }
@@ -137,7 +129,8 @@ async fn fractional_estimates_are_followed_to_the_millisecond() {
         Model::cold_with(Duration::from_secs(30), 32.137, false),
     )])
     .await;
-    let (_, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome { report, .. } =
+        post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     let at = server.offsets()[1];
     assert!((at - 32.137).abs() < 0.002, "retry at {at}");
     assert_eq!(report.waited().as_millis(), 32137);
@@ -164,7 +157,9 @@ async fn unusable_estimates_mean_the_default_wait() {
         )])
         .await;
         let layer = advised().jitter(false).default_wait(Duration::from_secs(7));
-        let (response, report) = call(layer, &server, MODEL).await;
+        let Outcome {
+            response, report, ..
+        } = post(layered(layer), server.url(MODEL), INPUT).await;
         assert_eq!(response.status(), 200, "{estimate:?}");
         assert_eq!(secs(&server.offsets()), [0, 7], "{estimate:?}");
         assert_eq!(report.waited(), Duration::from_secs(7), "{estimate:?}");
@@ -178,7 +173,7 @@ async fn an_absurd_estimate_means_the_cap() {
         .jitter(false)
         .max_attempts(2)
         .max_wait(Duration::from_secs(45));
-    let (response, _) = call(layer, &server, MODEL).await;
+    let Outcome { response, .. } = post(layered(layer), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 503);
     assert_eq!(secs(&server.offsets()), [0, 45]);
 }
@@ -190,7 +185,9 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
         let layer = advised()
             .jitter(false)
             .max_total_wait(Duration::from_secs(5));
-        let (response, report) = call(layer, &server, MODEL).await;
+        let Outcome {
+            response, report, ..
+        } = post(layered(layer), server.url(MODEL), INPUT).await;
         assert_eq!(response.status(), 503);
         // One request a second: at 0, 1, 2, 3, 4 and 5 s.
         assert_eq!(secs(&server.offsets()), [0, 1, 2, 3, 4, 5], "{estimate}");
@@ -201,7 +198,14 @@ async fn a_zero_estimate_does_not_become_a_busy_loop() {
 #[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_the_requests_and_returns_the_last_503_as_sent() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-    let (response, report) = call(advised().jitter(false).max_attempts(3), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(
+        layered(advised().jitter(false).max_attempts(3)),
+        server.url(MODEL),
+        INPUT,
+    )
+    .await;
     assert_eq!(server.count(), 3);
     assert_eq!(secs(&server.offsets()), [0, 20, 40]);
     assert_eq!(response.status(), 503);
@@ -227,7 +231,9 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
     let layer = advised()
         .jitter(false)
         .max_total_wait(Duration::from_secs(50));
-    let (response, report) = call(layer, &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(layer), server.url(MODEL), INPUT).await;
     // Sleeps of 20, 20, then the 10 s left; nothing after 50 s.
     assert_eq!(secs(&server.offsets()), [0, 20, 40, 50]);
     assert_eq!(start.elapsed(), Duration::from_secs(50));
@@ -241,7 +247,9 @@ async fn max_total_wait_bounds_sleeps_and_the_last_attempt() {
 async fn a_zero_budget_returns_the_first_503_after_one_request() {
     let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
     let layer = advised().jitter(false).max_total_wait(Duration::ZERO);
-    let (response, report) = call(layer, &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(layer), server.url(MODEL), INPUT).await;
     assert_eq!(server.count(), 1);
     assert_eq!(response.status(), 503);
     assert_eq!(report.attempts(), 1);
@@ -251,8 +259,14 @@ async fn a_zero_budget_returns_the_first_503_after_one_request() {
 async fn max_attempts_of_one_or_zero_sends_exactly_once() {
     for n in [0, 1] {
         let server = HfServer::start([(MODEL, Model::never_loads("20.0"))]).await;
-        let (response, report) =
-            call(advised().jitter(false).max_attempts(n), &server, MODEL).await;
+        let Outcome {
+            response, report, ..
+        } = post(
+            layered(advised().jitter(false).max_attempts(n)),
+            server.url(MODEL),
+            INPUT,
+        )
+        .await;
         assert_eq!(server.count(), 1);
         assert_eq!(response.status(), 503);
         assert_eq!(report.attempts(), 1);
@@ -269,7 +283,9 @@ async fn recorded_cold_starts_all_succeed_within_the_defaults() {
         )])
         .await;
         let start = tokio::time::Instant::now();
-        let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+        let Outcome {
+            response, report, ..
+        } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
         assert_eq!(response.status(), 200, "{estimate}/{actual}");
         assert_eq!(report.attempts(), 2, "{estimate}/{actual}");
         // The held retry answers at max(estimate, actual).
@@ -292,7 +308,9 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
     )])
     .await;
     let start = tokio::time::Instant::now();
-    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(100));
     assert_eq!(secs(&server.offsets()), [0, 20, 81]);
@@ -304,7 +322,9 @@ async fn model_too_busy_after_a_hold_is_retried_as_still_loading() {
 async fn model_too_busy_without_a_hold_passes_through() {
     let body = br#"{"error":"Model too busy, unable to get response in less than 60 second(s)"}"#;
     let server = HfServer::start([(MODEL, Model::fixed(500, "application/json", &body[..]))]).await;
-    let (response, report) = call(advised().jitter(false), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(layered(advised().jitter(false)), server.url(MODEL), INPUT).await;
     assert_eq!(response.status(), 500);
     assert_eq!(response.body(), &Bytes::from_static(body));
     assert_eq!(report.attempts(), 1);
@@ -318,7 +338,14 @@ async fn model_too_busy_after_a_hold_ends_in_that_500_when_the_budget_is_spent()
         Model::cold_with(Duration::from_secs(1000), 20.0, true),
     )])
     .await;
-    let (response, report) = call(advised().jitter(false).max_attempts(2), &server, MODEL).await;
+    let Outcome {
+        response, report, ..
+    } = post(
+        layered(advised().jitter(false).max_attempts(2)),
+        server.url(MODEL),
+        INPUT,
+    )
+    .await;
     // The second and last attempt is held 60 s and answered "too busy":
     // passed on as sent.
     assert_eq!(response.status(), 500);

@@ -52,6 +52,42 @@ pub fn layered(layer: ColdStartRetryLayer) -> Layered {
     tower::ServiceBuilder::new().layer(layer).service(http1())
 }
 
+/// What a caller got, read whole: the response with its body collected,
+/// and the layer's report. Every test reads an answer through this.
+pub struct Outcome {
+    pub status: u16,
+    pub attempts: u32,
+    pub body: Bytes,
+    pub report: tower_cold_start::ColdStartReport,
+    pub response: Response<Bytes>,
+}
+
+/// Reads a whole response into an [`Outcome`].
+pub async fn outcome<B>(response: Response<B>) -> Outcome
+where
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let report = report(&response);
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Outcome {
+        status: parts.status.as_u16(),
+        attempts: report.attempts(),
+        body: body.clone(),
+        report,
+        response: Response::from_parts(parts, body),
+    }
+}
+
+/// Posts `body` to `url` through `client`, and reads the whole answer.
+pub async fn post(client: Layered, url: impl AsRef<str>, body: impl Into<Bytes>) -> Outcome {
+    let request = http::Request::post(url.as_ref())
+        .body(http_body_util::Full::new(body.into()))
+        .unwrap();
+    outcome(client.oneshot(request).await.unwrap()).await
+}
+
 /// Posts `body` to `url` through `client`; returns the status, when the
 /// answer came, and the attempts. Checks that a 200 echoes the body (the
 /// test server echoes): no caller gets another's answer.
@@ -61,17 +97,11 @@ pub async fn send(
     body: impl Into<Bytes>,
 ) -> (u16, tokio::time::Instant, u32) {
     let body = body.into();
-    let request = http::Request::post(url)
-        .body(http_body_util::Full::new(body.clone()))
-        .unwrap();
-    let response = client.oneshot(request).await.unwrap();
-    let status = response.status().as_u16();
-    let attempts = report(&response).attempts();
-    let got = bytes(response).await;
-    if status == 200 {
-        assert_eq!(got, body, "another caller's answer");
+    let got = post(client, url, body.clone()).await;
+    if got.status == 200 {
+        assert_eq!(got.body, body, "another caller's answer");
     }
-    (status, tokio::time::Instant::now(), attempts)
+    (got.status, tokio::time::Instant::now(), got.attempts)
 }
 
 /// The report the layer attached to a response.
