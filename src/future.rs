@@ -117,6 +117,7 @@ impl<F, ReqBody, ResBody: Body> Phase<F, ReqBody, ResBody> {
     /// The phase `next` leads to, calling `service` for a request to send;
     /// or the caller's answer.
     #[allow(clippy::type_complexity)]
+    #[inline]
     fn of<S>(
         next: Next<ReqBody, ResBody>,
         service: &mut S,

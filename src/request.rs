@@ -50,6 +50,7 @@ impl<B> Requests<B> {
     }
 
     /// The buffered body, now read.
+    #[inline]
     pub(crate) fn set_body(&mut self, body: Buffered) {
         self.body = body;
     }
@@ -60,6 +61,7 @@ impl<B> Requests<B> {
     }
 
     /// Whether the first request went out.
+    #[inline]
     pub(crate) fn sent(&self) -> bool {
         !matches!(self.head, Original::Unsent(_))
     }
@@ -102,6 +104,7 @@ impl<B> Requests<B> {
     /// the `remaining` budget). `last`: no request can follow it, so no copy
     /// is kept; `asked`: watches whether a client asks for its body. `None`
     /// when no request can be built.
+    #[inline]
     pub(crate) fn next(
         &mut self,
         hold: Hold,

@@ -14,6 +14,7 @@ use crate::{BoxError, RequestBody, Unbuffered};
 
 impl<ReqBody> Policy<ReqBody> {
     /// The request body was read: send it, or send it once unbuffered.
+    #[inline]
     pub(crate) fn buffered<ResBody: Body>(
         &mut self,
         read: Result<Buffering<ReqBody>, BoxError>,
@@ -27,6 +28,7 @@ impl<ReqBody> Policy<ReqBody> {
 
     /// Sends the first attempt (the service taken in `call` is still
     /// ready), unless the model is known cold: then it waits its turn.
+    #[inline]
     fn first<ResBody: Body>(&mut self, body: Buffered) -> Next<ReqBody, ResBody> {
         self.requests.set_body(body);
         let strategy = self.shared.config.wait_strategy;
@@ -46,6 +48,7 @@ impl<ReqBody> Policy<ReqBody> {
     /// Builds the next attempt, the first or a retry, or a readiness check
     /// in its place. A retry or a probe asks the server to hold it, unless
     /// `hold_retries(false)`. `None` when no attempt can follow.
+    #[inline]
     pub(super) fn send<ResBody: Body>(&mut self) -> Option<Next<ReqBody, ResBody>> {
         self.standing.sending();
         let retry = self.requests.sent();
