@@ -65,6 +65,15 @@ impl ColdStart {
         self.hint
     }
 
+    /// The seconds the server estimated, if its hint is an estimate (for
+    /// the facts of a wait's event).
+    pub(crate) fn estimate(&self) -> Option<f64> {
+        match self.hint {
+            Hint::Estimate(secs) => Some(secs),
+            _ => None,
+        }
+    }
+
     /// How retries ask the server to hold them.
     pub fn hold(&self) -> Hold {
         self.hold

@@ -6,11 +6,11 @@
 //! allows the model's next request, or wait behind another caller's probe.
 
 use std::sync::Arc;
-use std::time::Duration;
-
 use tokio::time::Instant;
 
 use crate::loading::LoadingAnswer;
+use crate::pace;
+use crate::WaitStrategy;
 
 mod registry;
 
@@ -44,50 +44,67 @@ impl Standing {
         &mut self,
         registry: &Registry,
         key: impl FnOnce() -> Option<u64>,
-        pace: impl Fn(Option<Duration>) -> Duration,
+        strategy: WaitStrategy,
     ) -> Turn {
         if self.probe.is_some() || !registry.any_cold() {
             return Turn::Send;
         }
         match key().and_then(|key| Some((key, registry.cold_model(key)?))) {
-            Some((key, model)) => self.take_turn(registry, key, model, pace),
+            Some((key, model)) => self.take_turn(registry, key, model, strategy),
             None => Turn::Send,
         }
     }
 
     /// Takes the probe of `model` (keyed `key`), or waits behind whoever
-    /// holds it. The waiter is counted before the registry is asked again,
-    /// so that a probe given back, or the model turning warm, in between is
-    /// not missed, and the model is not forgotten as idle meanwhile. A
-    /// prober taking over keeps to the strategy's `pace` since the model was
-    /// last asked: a probe given back (its caller gave up) is not an answer
-    /// from the model.
+    /// holds it. A prober taking over keeps to the `strategy`'s pace since
+    /// the model was last asked: a probe given back (its caller gave up) is
+    /// not an answer from the model.
     pub(crate) fn take_turn(
         &mut self,
         registry: &Registry,
         key: u64,
-        mut model: Arc<ColdModel>,
-        pace: impl Fn(Option<Duration>) -> Duration,
+        model: Arc<ColdModel>,
+        strategy: WaitStrategy,
     ) -> Turn {
-        let waiter = loop {
+        if let Some(waiter) = self.join_or_probe(registry, key, model) {
+            return Turn::WaitBehind(waiter);
+        }
+        let Some(model) = self.probing() else {
+            // The model turned warm meanwhile.
+            return Turn::Send;
+        };
+        let resume = model.asked() + pace::pace(strategy, model.last().poll);
+        if resume <= Instant::now() {
+            return Turn::Send;
+        }
+        Turn::PauseUntil(resume, Arc::clone(model))
+    }
+
+    /// Waits behind whoever probes `model` (`Some`), or else takes its
+    /// probe, unless the model turned warm meanwhile. The waiter is counted
+    /// before the registry is asked again, so that a probe given back, or
+    /// the model turning warm, in between is not missed, and the model is
+    /// not forgotten as idle meanwhile.
+    pub(crate) fn join_or_probe(
+        &mut self,
+        registry: &Registry,
+        key: u64,
+        mut model: Arc<ColdModel>,
+    ) -> Option<Waiter> {
+        loop {
             let waiter = match model.probe_or_join() {
                 Err(waiter) => waiter,
                 Ok(probe) => {
                     self.probe = Some(probe);
-                    let resume = model.asked() + pace(model.last().poll);
-                    if resume <= Instant::now() {
-                        return Turn::Send;
-                    }
-                    return Turn::PauseUntil(resume, model);
+                    return None;
                 }
             };
             match registry.cold_model(key) {
-                Some(current) if Arc::ptr_eq(&current, &model) => break waiter,
+                Some(current) if Arc::ptr_eq(&current, &model) => return Some(waiter),
                 Some(current) => model = current,
-                None => return Turn::Send,
+                None => return None,
             }
-        };
-        Turn::WaitBehind(waiter)
+        }
     }
 
     /// A loading answer: the model is cold, with `answer` as its latest. A

@@ -92,10 +92,7 @@ impl LoadingAnswer {
             },
             hold: cold.hold(),
             model: cold.model().map(str::to_owned),
-            estimate: match cold.hint() {
-                Hint::Estimate(secs) => Some(secs),
-                _ => None,
-            },
+            estimate: cold.estimate(),
             refused: None,
             checkable: !matches!(cold.hint(), Hint::Backoff | Hint::After(_)),
             poll: cold.poll_interval(),

@@ -9,12 +9,11 @@ use http_body::Body;
 
 use super::{model_key, Attempt, Next, Policy};
 use crate::classifier::{ColdStart, Hint};
-use crate::coalesce::Turn;
 use crate::loading::{self, is_refusal, LoadingAnswer, Peek, PEEK_LIMIT};
 use crate::report::{warn_refused_unbuffered, warn_unbuffered};
 use crate::request_body::Asked;
 use crate::response_body::End;
-use crate::{pace, BoxError, GaveUp, ResponseBody};
+use crate::{BoxError, GaveUp, ResponseBody};
 
 impl<ReqBody> Policy<ReqBody> {
     /// The service answered: hand the answer on, or read it if it may be a
@@ -132,14 +131,11 @@ impl<ReqBody> Policy<ReqBody> {
             return self.give_up(GaveUp::Attempts);
         }
         // Another caller probes this model: wait for it rather than retry
-        // on our own.
+        // on our own. A probe free to take is taken, and paced from this
+        // call's own answer below.
         if let (None, Some((key, model))) = (self.standing.probing(), model) {
-            let strategy = self.shared.config.wait_strategy;
             let registry = &self.shared.runtime.registry;
-            let turn = self
-                .standing
-                .take_turn(registry, key, model, |poll| pace::pace(strategy, poll));
-            if let Turn::WaitBehind(waiter) = turn {
+            if let Some(waiter) = self.standing.join_or_probe(registry, key, model) {
                 return self.wait_behind(waiter, 0);
             }
         }

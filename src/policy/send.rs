@@ -7,7 +7,6 @@ use tokio::time::Instant;
 
 use super::{model_key, Attempt, CallDeadline, Next, Policy, CHECK_TIMEOUT, ROUTE_BODY};
 use crate::classifier::Hold;
-use crate::pace;
 use crate::request::Outgoing;
 use crate::request_body::{Asked, Buffered, Buffering};
 use crate::{BoxError, RequestBody, Unbuffered};
@@ -31,11 +30,10 @@ impl<ReqBody> Policy<ReqBody> {
     #[inline]
     fn first<ResBody: Body>(&mut self, body: Buffered) -> Next<ReqBody, ResBody> {
         self.requests.set_body(body);
-        let strategy = self.shared.config.wait_strategy;
         let turn = self.standing.admit(
             &self.shared.runtime.registry,
             || model_key(&mut self.key, &self.requests, &self.shared),
-            |poll| pace::pace(strategy, poll),
+            self.shared.config.wait_strategy,
         );
         match self.follow(turn, 0) {
             Some(next) => next,

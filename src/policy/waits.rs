@@ -8,7 +8,7 @@ use http_body::Body;
 use tokio::time::Instant;
 
 use super::{Attempt, Next, Policy, ROUTE_BODY};
-use crate::classifier::{ColdStart, Hint};
+use crate::classifier::ColdStart;
 use crate::coalesce::{ColdModel, Turn, Waiter};
 use crate::pace::{self, Answer};
 use crate::report::announce;
@@ -135,9 +135,7 @@ impl<ReqBody> Policy<ReqBody> {
             .key_now()
             .and_then(|key| Some((key, registry.cold_model(key)?)))
         {
-            Some((key, model)) => self
-                .standing
-                .take_turn(registry, key, model, |poll| pace::pace(strategy, poll)),
+            Some((key, model)) => self.standing.take_turn(registry, key, model, strategy),
             None => Turn::Send,
         };
         match self.follow(turn, heard) {
@@ -215,16 +213,12 @@ impl<ReqBody> Policy<ReqBody> {
             None if remaining.is_zero() && !self.budget_left().is_zero() => Duration::ZERO,
             None => return Err(GaveUp::Budget),
         };
-        let estimate = match cold.hint() {
-            Hint::Estimate(secs) => Some(secs),
-            _ => None,
-        };
         let event = RetryEvent {
             uri: &uri,
             model: cold.model(),
             attempt: self.attempts + self.checks,
             wait,
-            estimate,
+            estimate: cold.estimate(),
             elapsed,
             behind_probe: false,
             unreachable: self.unreachable,
