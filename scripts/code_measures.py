@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measures of the crate's source, for comparing two versions of it.
 
-    python3 scripts/code_measures.py [SRC]      # SRC defaults to ./src
+    python3 scripts/code_measures.py [--check] [SRC]   # SRC defaults to ./src
 
 Prints, for the library's source outside its tests:
 - lines, and the longest files;
@@ -13,6 +13,11 @@ Prints, for the library's source outside its tests:
   and `reqwest` count as their parent), and the arrows that run back up:
   the edges that lie on a cycle, which no order of the modules can make
   all point one way.
+
+With `--check` it also fails (exit 1) where the layout's limits are passed:
+a file over 500 lines outside its tests, a function over 80, the response
+future's `poll` at 60 or more, an arrow on a cycle, or a decision in
+`policy/` that names the inner service (`Service`).
 """
 
 import os
@@ -20,7 +25,9 @@ import re
 import sys
 from collections import defaultdict
 
-SRC = sys.argv[1] if len(sys.argv) > 1 else "src"
+ARGS = [a for a in sys.argv[1:] if a != "--check"]
+CHECK = "--check" in sys.argv[1:]
+SRC = ARGS[0] if ARGS else "src"
 
 
 def non_test_lines(text):
@@ -186,6 +193,20 @@ def main():
             print("  cycle among: " + ", ".join(sorted(comp)))
     for a, b in cyclic:
         print(f"  {a} -> {b}")
+    if CHECK:
+        failures = [f"{p}: {n} lines" for n, p in sizes if n > 500]
+        failures += [f"{p}: {n} lines" for n, p in functions if n > 80]
+        failures += [f"{p}: {n} lines" for n, p in functions if p.startswith("future.rs:") and p.endswith(" poll") and n >= 60]
+        failures += [f"{a} -> {b} is on a cycle" for a, b in cyclic]
+        for path in files():
+            if os.path.relpath(path, SRC).startswith("policy" + os.sep):
+                with open(path) as f:
+                    if "Service" in "\n".join(non_test_lines(f.read())):
+                        failures.append(f"{path}: a decision names the inner service")
+        for failure in failures:
+            print("over the limit: " + failure)
+        if failures:
+            sys.exit(1)
 
 
 main()

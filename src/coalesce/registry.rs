@@ -595,4 +595,21 @@ mod tests {
             .await
             .expect("woken");
     }
+
+    /// A probe given back between a caller's decision to wait and its first
+    /// poll is heard: the waiter listens from before it joins (on a
+    /// multi-threaded runtime the prober may leave at any moment).
+    #[test]
+    fn a_probe_given_back_right_after_a_caller_joined_is_heard() {
+        let registry = Arc::new(Registry::default());
+        let (model, probe) = registry.mark_cold(7, answer());
+        let mut waiter = model.probe_or_join().unwrap_err();
+        drop(probe);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(
+            waiter.poll_changed(&mut cx).is_ready(),
+            "the return went unheard"
+        );
+    }
 }
