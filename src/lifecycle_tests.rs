@@ -13,7 +13,8 @@
 //!    a transport error is no answer), nobody waits for it and it is not
 //!    held as cold;
 //! 3. once every caller has finished or been dropped, the registry is empty
-//!    (no gate, no probe, no waiter), and so is the pool of buffered bodies.
+//!    (no cold model, no probe, no waiter), and so is the pool of buffered
+//!    bodies.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -177,16 +177,3 @@ impl Standing {
         Some(probe.model().last())
     }
 }
-
-impl Waiter {
-    /// The model's latest loading answer, if it gave one this waiter has
-    /// not heard of (`heard`: how many it has; updated).
-    pub(crate) fn news(&self, heard: &mut u64) -> Option<Arc<LoadingAnswer>> {
-        let (answers, last) = self.model().heard();
-        if answers == *heard {
-            return None;
-        }
-        *heard = answers;
-        Some(last)
-    }
-}

@@ -395,6 +395,17 @@ impl Waiter {
         &self.model
     }
 
+    /// The model's latest loading answer, if it gave one this waiter has
+    /// not heard of (`heard`: how many it has; updated).
+    pub(crate) fn news(&self, heard: &mut u64) -> Option<Arc<LoadingAnswer>> {
+        let (answers, last) = self.model().heard();
+        if answers == *heard {
+            return None;
+        }
+        *heard = answers;
+        Some(last)
+    }
+
     /// Ready at the model's next change.
     pub(crate) fn poll_changed(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.wake.as_mut().poll(cx)
@@ -476,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_gate_is_born_probed_by_its_creator() {
+    fn a_new_cold_model_is_born_probed_by_its_creator() {
         let registry = Arc::new(Registry::default());
         let (model, probe) = registry.mark_cold(1, answer());
         assert!(probe.is_some());
@@ -524,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_gate_is_not_an_older_probe_to_forget() {
+    fn a_newer_cold_state_is_not_an_older_probe_to_forget() {
         let registry = Arc::new(Registry::default());
         let (_, old) = registry.mark_cold(9, answer());
         registry.mark_warm(9);
@@ -538,7 +549,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn warm_drops_the_gate_and_wakes_every_waiter() {
+    async fn warm_drops_the_cold_state_and_wakes_every_waiter() {
         let registry = Arc::new(Registry::default());
         let (model, _probe) = registry.mark_cold(7, answer());
         assert_eq!(registry.cold_models(), 1);
